@@ -1,0 +1,104 @@
+"""The test process's side of the spawner: start it once, ask it for sandboxes.
+
+`subprocess.Popen` is captured at import time, so test doubles that patch it (pytest-subprocess,
+unittest.mock) never intercept sandboxes.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from . import protocol
+from .errors import SandboxSetupError, SandboxUnavailable
+
+_Popen = subprocess.Popen
+_DEVNULL = subprocess.DEVNULL
+_PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
+_BOOT = ("import sys; sys.path.insert(0, {path!r}); "
+         "from pytest_nsbox.spawner import main; main({fd})")
+
+
+class Spawner:
+    """One per test process (a forked child of the test process gets its own)."""
+
+    _instance: Spawner | None = None
+    _instance_lock = threading.Lock()
+
+    @classmethod
+    def get(cls) -> Spawner:
+        with cls._instance_lock:
+            current = cls._instance
+            if current is None or current.owner_pid != os.getpid() or not current.alive():
+                current = cls._instance = cls()
+            return current
+
+    def __init__(self) -> None:
+        if sys.platform != "linux":
+            raise SandboxUnavailable(f"pytest-nsbox needs Linux namespaces; this is {sys.platform}")
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        code = _BOOT.format(path=_PACKAGE_PARENT, fd=theirs.fileno())
+        debug = bool(os.environ.get("NSBOX_DEBUG"))
+        try:
+            # -I -S: no site-packages, no user site, no environment: a small, predictable process.
+            self.process = _Popen([sys.executable, "-I", "-S", "-B", "-c", code],
+                                  pass_fds=[theirs.fileno()], stdin=_DEVNULL,
+                                  stdout=None if debug else _DEVNULL,
+                                  stderr=None if debug else _DEVNULL,
+                                  start_new_session=True)
+        except OSError as exc:
+            raise SandboxUnavailable(f"cannot start the sandbox spawner {sys.executable}: {exc}") from None
+        finally:
+            theirs.close()
+        self.sock = ours
+        self.owner_pid = os.getpid()
+        self.lock = threading.Lock()
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def request(self, message: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
+        with self.lock:
+            try:
+                protocol.send(self.sock, message)
+                reply, fds = protocol.receive(self.sock)
+            except OSError as exc:
+                reply, fds = None, []
+                error = str(exc)
+            else:
+                error = "it exited"
+        if reply is None:
+            code = self.process.poll()
+            raise SandboxUnavailable(f"the sandbox spawner ({sys.executable}) stopped answering: "
+                                     f"{error} (exit status {code}); set NSBOX_DEBUG=1 to see its stderr")
+        if reply.get("op") == "error":
+            raise SandboxSetupError(reply["message"])
+        return reply, fds
+
+    def create(self, spec: dict[str, Any]) -> socket.socket:
+        reply, fds = self.request({"op": "create", "spec": spec})
+        if len(fds) != 1:
+            raise SandboxSetupError(f"the spawner answered {reply!r} without a sandbox socket")
+        return socket.socket(fileno=fds[0])
+
+    def probe(self, network: str = "none") -> tuple[bool, str]:
+        reply, _ = self.request({"op": "probe", "network": network})
+        return bool(reply["ok"]), reply.get("error", "")
+
+
+_probe_cache: dict[str, tuple[bool, str]] = {}
+
+
+def probe(network: str = "none") -> tuple[bool, str]:
+    """Whether sandboxes can be made here, and if not, why (cached for the process)."""
+    if network not in _probe_cache:
+        try:
+            _probe_cache[network] = Spawner.get().probe(network)
+        except SandboxUnavailable as exc:
+            _probe_cache[network] = (False, str(exc))
+    return _probe_cache[network]

@@ -1,0 +1,35 @@
+"""The exceptions pytest-nsbox raises.
+
+Every error says what failed and what the user can do about it; none of them should need a traceback
+to be understood.
+"""
+
+from __future__ import annotations
+
+
+class NsboxError(Exception):
+    """Base class of every error raised by pytest-nsbox."""
+
+
+class ConfigError(NsboxError, ValueError):
+    """A setting is unknown or has a value that is not allowed."""
+
+
+class SandboxUnavailable(NsboxError):
+    """The kernel or the environment cannot make sandboxes here (user namespaces, overlayfs...)."""
+
+
+class SandboxSetupError(NsboxError):
+    """A sandbox could not be set up: a mount, a namespace or a file inside it failed."""
+
+
+class SandboxClosed(NsboxError):
+    """The sandbox was used after it was closed, or it died (its lifetime timeout, or killed)."""
+
+
+class RootfsError(NsboxError):
+    """The root filesystem could not be found, verified or extracted."""
+
+
+class UnsafeArchiveError(RootfsError):
+    """A rootfs archive holds a member that could write outside its tree."""

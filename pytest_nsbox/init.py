@@ -1,0 +1,228 @@
+"""PID 1 of a sandbox: builds its root, then starts commands on request, reaps, forwards signals.
+
+The init talks to its owner over one SOCK_SEQPACKET socket.  Requests: `exec` (argv, env, cwd and
+up to three stdio descriptors), `signal` (one process or the whole session a command started).
+Events: `ready`, `started`/`failed` per exec, `exited` per command with its returncode (a signal
+death as -N, as in subprocess), `expired` when the sandbox's lifetime runs out, `error` when setup
+fails.  When the socket closes — the owner closed the sandbox, or died — init exits, and the kernel
+kills every process left in its PID namespace: nothing can outlive the sandbox.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import resource
+import select
+import signal
+import socket
+import time
+from typing import Any
+
+from . import kernel, layout, protocol
+
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
+
+class Init:
+    def __init__(self, sock: socket.socket, spec: dict[str, Any]):
+        self.sock = sock
+        self.spec = spec
+        self.commands: set[int] = set()
+        self.deadline = time.monotonic() + spec["timeout"] if spec.get("timeout") else None
+        self.expired = False
+
+    # -- setup ------------------------------------------------------------------------------
+    def setup(self) -> None:
+        spec = self.spec
+        binds = [layout.BindSpec(*b) for b in spec["mounts"]]
+        layout.build(spec["tree"], binds, host_network=spec["network"] == "host")
+        layout.set_hostname(spec["hostname"])
+        if spec["network"] == "none":
+            layout.bring_up_loopback()
+            layout.relax_private_network()
+        namespaces = {name: os.readlink(f"/proc/self/ns/{name}") for name in kernel.NAMESPACE_FLAGS}
+        # Lock the mounts: in a nested user namespace they are inherited as locked, so even the
+        # sandbox's root cannot unmount them or remount a read-only bind writable.
+        kernel.unshare(kernel.CLONE_NEWUSER | kernel.CLONE_NEWNS)
+        kernel.write_id_maps(0, 0)
+        if spec.get("pids_max"):
+            resource.setrlimit(resource.RLIMIT_NPROC, (spec["pids_max"], spec["pids_max"]))
+        # Nobody inside may open /proc/1/exe (the host's Python) or ptrace us: runc CVE-2019-5736.
+        kernel.set_dumpable(False)
+        protocol.send(self.sock, {"op": "ready", "namespaces": namespaces})
+
+    # -- the loop ---------------------------------------------------------------------------
+    def serve(self) -> None:
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_w)
+        for sig in (signal.SIGCHLD, *FORWARDED_SIGNALS):
+            signal.signal(sig, _noop)
+        while True:
+            timeout = None
+            if self.deadline is not None and not self.expired:
+                timeout = max(0.0, self.deadline - time.monotonic())
+            ready, _, _ = select.select([self.sock, wake_r], [], [], timeout)
+            if wake_r in ready:
+                for signum in os.read(wake_r, 512):
+                    if signum == signal.SIGCHLD:
+                        self.reap()
+                    else:
+                        self.forward(signum)
+            if self.sock in ready:
+                message, fds = protocol.receive(self.sock, socket.MSG_DONTWAIT)
+                if message is None:
+                    os._exit(0)
+                self.handle(message, fds)
+            if self.deadline is not None and not self.expired and time.monotonic() >= self.deadline:
+                self.expire()
+
+    def handle(self, message: dict[str, Any], fds: list[int]) -> None:
+        op = message.get("op")
+        try:
+            if op == "exec":
+                self.start(message, fds)
+            elif op == "signal":
+                self.signal(message["pid"], message["signal"], message.get("session", False))
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid in self.commands:
+                self.commands.discard(pid)
+                protocol.send(self.sock, {"op": "exited", "pid": pid,
+                                          "returncode": os.waitstatus_to_exitcode(status)})
+
+    def forward(self, signum: int) -> None:
+        for pid in self.commands:
+            _kill(pid, signum)
+
+    def expire(self) -> None:
+        self.expired = True
+        _kill(-1, signal.SIGKILL)  # from PID 1: every other process of the namespace
+        protocol.send(self.sock, {"op": "expired", "timeout": self.spec["timeout"]})
+
+    def signal(self, pid: int, signum: int, session: bool) -> None:
+        if pid not in self.commands:
+            return
+        if session:
+            for member in _session_members(pid):
+                _kill(member, signum)
+        _kill(pid, signum)
+
+    # -- commands ---------------------------------------------------------------------------
+    def start(self, message: dict[str, Any], fds: list[int]) -> None:
+        request_id = message["id"]
+        if self.expired:
+            protocol.send(self.sock, {"op": "failed", "id": request_id,
+                                      "error": f"the sandbox's lifetime of {self.spec['timeout']} s expired"})
+            return
+        stdio = _stdio_slots(message["stdio"], fds)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        pid = os.fork()
+        if pid == 0:
+            os.close(err_r)
+            _exec_child(message, stdio, err_w)
+        os.close(err_w)
+        with os.fdopen(err_r, "rb") as f:
+            failure = f.read()
+        if failure:
+            os.waitpid(pid, 0)
+            protocol.send(self.sock, {"op": "failed", "id": request_id, "error": failure.decode()})
+            return
+        self.commands.add(pid)
+        protocol.send(self.sock, {"op": "started", "id": request_id, "pid": pid})
+
+
+def _stdio_slots(layout_: list[str | None], fds: list[int]) -> list[int | None]:
+    """Map the request's stdio description (`fd` or null per slot) onto the fds that came with it."""
+    it = iter(fds)
+    return [next(it) if slot == "fd" else None for slot in layout_]
+
+
+def _exec_child(message: dict[str, Any], stdio: list[int | None], err_w: int) -> None:
+    """In the forked child: become the command.  Never returns."""
+    try:
+        os.setsid()  # no controlling terminal: no TIOCSTI into the user's (CVE-2017-5226)
+        devnull = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
+        for target, fd in enumerate(stdio):
+            os.dup2(devnull if fd is None else fd, target, inheritable=True)
+        # Nothing but 0/1/2 crosses exec: not xdist's channels, not a lock file (CVE-2024-21626).
+        os.closerange(3, err_w)
+        os.closerange(err_w + 1, 1 << 20)
+        for sig in (signal.SIGPIPE, signal.SIGXFSZ, *FORWARDED_SIGNALS, signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.set_wakeup_fd(-1)
+        os.chdir(message["cwd"])
+        if not os.getcwd().startswith("/"):
+            raise OSError(errno.EACCES, "working directory is outside the sandbox's root")
+        argv = message["argv"]
+        os.execvpe(argv[0], argv, message["env"])
+    except OSError as exc:
+        what = "chdir" if exc.filename == message["cwd"] else "exec"
+        text = f"{what} {exc.filename or message['argv'][0]}: {errno.errorcode.get(exc.errno or 0, '?')} ({exc.strerror})"
+        os.write(err_w, f"{exc.errno}:{text}".encode())
+    except BaseException as exc:  # noqa: BLE001 - report whatever stopped us, then leave
+        os.write(err_w, f"0:{exc!r}".encode())
+    os._exit(127)
+
+
+def _session_members(sid: int) -> list[int]:
+    members = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or name == "1":
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid:  # fields after "comm)": state ppid pgrp session
+            members.append(int(name))
+    return members
+
+
+def _kill(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _noop(_signum: int, _frame: object) -> None:
+    pass
+
+
+def main(sock: socket.socket, spec: dict[str, Any], parent_alive: int) -> None:
+    """Entry point of PID 1, called in the child the monitor forked.  Never returns."""
+    code = 1
+    try:
+        kernel.set_parent_death_signal(signal.SIGKILL)
+        try:
+            if os.read(parent_alive, 1) == b"":
+                os._exit(1)  # the monitor died before we armed the death signal
+        except BlockingIOError:
+            pass
+        os.close(parent_alive)
+        kernel.set_process_name("nsbox-init")
+        init = Init(sock, spec)
+        try:
+            init.setup()
+        except OSError as exc:
+            protocol.send(sock, {"op": "error", "message": str(exc), "errno": exc.errno})
+            os._exit(1)
+        init.serve()
+    except BaseException as exc:  # noqa: BLE001 - PID 1 must say why it dies, then die
+        try:
+            protocol.send(sock, {"op": "error", "message": f"sandbox init failed: {exc!r}"})
+        except OSError:
+            pass
+    os._exit(code)

@@ -1,0 +1,614 @@
+"""The public API: `Sandbox` and the Popen-like `SandboxProcess`.  Works without pytest."""
+
+from __future__ import annotations
+
+import errno
+import os
+import selectors
+import socket
+import subprocess
+import threading
+import time
+import weakref
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import IO, Any, Union
+
+from . import protocol
+from .client import Spawner
+from .errors import ConfigError, SandboxClosed, SandboxSetupError, SandboxUnavailable
+from .rootfs import Rootfs, resolve
+from .settings import BASE_ENV, Mount, SandboxSettings
+
+PIPE = subprocess.PIPE
+DEVNULL = subprocess.DEVNULL
+STDOUT = subprocess.STDOUT
+
+Command = Union[str, Sequence[str]]
+_CLOSE_TIMEOUT = 10.0
+_READ_CHUNK = 1 << 16
+
+
+@dataclass
+class CommandRecord:
+    """One command run in a sandbox, kept for the failure report."""
+
+    args: Command
+    returncode: int | None = None
+    stderr_tail: str = ""
+    timed_out: bool = False
+    duration: float = 0.0
+
+
+@dataclass
+class _Exit:
+    returncode: int
+
+
+class _Channel:
+    """The owner's end of a sandbox's socket: requests out, events in, sorted by whom they concern.
+
+    Any thread may pump events; each waiter re-checks the shared tables, so an event read by one
+    thread is seen by another.
+    """
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.lock = threading.Lock()
+        self.replies: dict[int, dict[str, Any]] = {}
+        self.exits: dict[int, int] = {}
+        self.events: list[dict[str, Any]] = []
+        self.expired = False
+        self.eof = False
+        self._next_id = 0
+
+    def next_id(self) -> int:
+        with self.lock:
+            self._next_id += 1
+            return self._next_id
+
+    def send(self, message: dict[str, Any], fds: Sequence[int] = ()) -> None:
+        try:
+            protocol.send(self.sock, message, fds)
+        except OSError as exc:
+            raise SandboxClosed(f"the sandbox is gone ({exc.strerror})") from None
+
+    def pump(self, timeout: float | None) -> None:
+        """Read the events that arrive within `timeout` (at most 0.1 s, so threads take turns)."""
+        wait = 0.1 if timeout is None else max(0.0, min(timeout, 0.1))
+        if not self.lock.acquire(timeout=wait):
+            return
+        try:
+            if self.eof:
+                time.sleep(wait)
+                return
+            ready = selectors.DefaultSelector()
+            ready.register(self.sock, selectors.EVENT_READ)
+            try:
+                if not ready.select(wait):
+                    return
+            finally:
+                ready.close()
+            while True:
+                try:
+                    message, fds = protocol.receive(self.sock, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    return
+                except OSError:
+                    message, fds = None, []
+                for fd in fds:
+                    os.close(fd)
+                if message is None:
+                    self.eof = True
+                    return
+                self._dispatch(message)
+        finally:
+            self.lock.release()
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        op = message.get("op")
+        if op in ("started", "failed"):
+            self.replies[message["id"]] = message
+        elif op == "exited":
+            self.exits[message["pid"]] = message["returncode"]
+        elif op == "expired":
+            self.expired = True
+        else:
+            self.events.append(message)
+
+    def wait_for(self, predicate, timeout: float | None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not predicate():
+            if self.eof:
+                return predicate()
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return False
+            self.pump(remaining)
+        return True
+
+    def next_event(self, timeout: float) -> dict[str, Any] | None:
+        self.wait_for(lambda: bool(self.events), timeout)
+        return self.events.pop(0) if self.events else None
+
+
+class Sandbox:
+    """A hermetic Linux sandbox over a root filesystem.
+
+    Use it as a context manager (or call `start()` and `close()`).  Every `run`/`spawn` executes in
+    the same namespaces and filesystem, like `docker exec` into a running container.
+    """
+
+    def __init__(self, rootfs: str | os.PathLike[str] | None = None,
+                 cache_dir: str | os.PathLike[str] | None = None, network: str = "none",
+                 hostname: str = "nsbox", env: Mapping[str, str] | None = None,
+                 mounts: Sequence[Mount | tuple[Any, ...]] = (), cwd: str = "/",
+                 pids_max: int | None = None, timeout: float | None = None):
+        self.settings = SandboxSettings(rootfs=rootfs, cache_dir=cache_dir, network=network,  # type: ignore[arg-type]
+                                        hostname=hostname, env=env or {}, mounts=tuple(mounts),
+                                        cwd=cwd, pids_max=pids_max, timeout=timeout)
+        self.history: list[CommandRecord] = []
+        self.rootfs: Rootfs | None = None
+        self.init_pid: int | None = None
+        self.namespaces: dict[str, str] = {}
+        self._channel: _Channel | None = None
+        self._processes: list[SandboxProcess] = []
+        self._deadline: float | None = None
+        self._finalizer: weakref.finalize | None = None
+
+    @classmethod
+    def from_settings(cls, settings: SandboxSettings) -> Sandbox:
+        sandbox = cls.__new__(cls)
+        cls.__init__(sandbox, **{k: getattr(settings, k) for k in SandboxSettings.keys()})
+        return sandbox
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def __enter__(self) -> Sandbox:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def start(self) -> Sandbox:
+        if self._channel is not None:
+            return self
+        if self.settings.rootfs is None:
+            raise ConfigError("no rootfs given: pass Sandbox(rootfs=PATH) with an Alpine minirootfs "
+                              "tarball or tree (or --nsbox-rootfs=PATH under pytest)")
+        self.rootfs = resolve(self.settings.rootfs, self.settings.cache_dir)
+        spec = {
+            "tree": str(self.rootfs.tree),
+            "network": self.settings.network,
+            "hostname": self.settings.hostname,
+            "mounts": [[str(m.source), m.target, m.rw] for m in self.settings.mounts],
+            "pids_max": self.settings.pids_max,
+            "timeout": self.settings.timeout,
+        }
+        sock = Spawner.get().create(spec)
+        channel = _Channel(sock)
+        # If the owner forgets close(), dropping the last reference still ends the sandbox.
+        self._finalizer = weakref.finalize(self, sock.close)
+        self._channel = channel
+        self._deadline = time.monotonic() + self.settings.timeout if self.settings.timeout else None
+        try:
+            self._await_ready(channel)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _await_ready(self, channel: _Channel) -> None:
+        while True:
+            event = channel.next_event(timeout=30.0)
+            if event is None:
+                raise SandboxSetupError("the sandbox did not start within 30 s (or died silently)")
+            if event["op"] == "init":
+                self.init_pid = event["pid"]
+            elif event["op"] == "ready":
+                self.namespaces = event["namespaces"]
+                return
+            elif event["op"] == "error":
+                error = SandboxUnavailable if event.get("unavailable") else SandboxSetupError
+                raise error(f"cannot create a sandbox over {self.rootfs.tree if self.rootfs else '?'}: "
+                            f"{event['message']}")
+
+    def close(self) -> None:
+        """End the sandbox: every process in it is killed and every mount is gone on return."""
+        channel, self._channel = self._channel, None
+        if channel is None:
+            return
+        for process in self._processes:
+            process._close_pipes()
+        self._processes.clear()
+        try:
+            channel.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        # Our end reads EOF only when init and its monitor have both exited, i.e. once the kernel
+        # has killed and reaped everything in the sandbox's PID namespace.
+        channel.wait_for(lambda: channel.eof, _CLOSE_TIMEOUT)
+        if self._finalizer is not None:
+            self._finalizer()
+
+    @property
+    def closed(self) -> bool:
+        return self._channel is None
+
+    def _live_channel(self) -> _Channel:
+        if self._channel is None:
+            raise SandboxClosed("this sandbox is not started or already closed")
+        if self._channel.expired:
+            raise SandboxClosed(f"this sandbox's lifetime of {self.settings.timeout} s expired; "
+                                "its processes were killed")
+        if self._channel.eof:
+            raise SandboxClosed("this sandbox died (its init was killed)")
+        return self._channel
+
+    # -- commands ---------------------------------------------------------------------------
+    def spawn(self, args: Command, *, stdin: Any = None, stdout: Any = None, stderr: Any = None,
+              env: Mapping[str, str] | None = None, cwd: str | None = None,
+              text: bool = True) -> SandboxProcess:
+        """Start a command and return at once, like `subprocess.Popen`.
+
+        stdin/stdout/stderr take None (stdin: /dev/null; stdout/stderr: this process's own, so
+        pytest captures them), PIPE, DEVNULL, STDOUT (stderr only), a file object or an fd.
+        """
+        channel = self._live_channel()
+        argv = _argv(args)
+        streams = _Streams.make(stdin, stdout, stderr)
+        request_id = channel.next_id()
+        message = {"op": "exec", "id": request_id, "argv": argv, "env": self._env(env),
+                   "cwd": cwd or self.settings.cwd, "stdio": streams.layout()}
+        try:
+            channel.send(message, streams.child_fds)
+        finally:
+            streams.close_child_ends()
+        channel.wait_for(lambda: request_id in channel.replies or channel.eof, None)
+        reply = channel.replies.pop(request_id, None)
+        if reply is None:
+            streams.close_parent_ends()
+            self._live_channel()
+            raise SandboxClosed("the sandbox died while starting a command")
+        if reply["op"] == "failed":
+            streams.close_parent_ends()
+            raise _exec_error(reply["error"], argv)
+        record = CommandRecord(args)
+        self.history.append(record)
+        process = SandboxProcess(self, channel, reply["pid"], args, streams, text, record)
+        self._processes.append(process)
+        return process
+
+    def run(self, args: Command, *, input: str | bytes | None = None,
+            env: Mapping[str, str] | None = None, cwd: str | None = None,
+            timeout: float | None = None, check: bool = False,
+            text: bool = True) -> subprocess.CompletedProcess:
+        """Run a command to completion, like `subprocess.run(..., capture_output=True)`.
+
+        A `str` runs through `/bin/sh -c`.  On timeout every process the command started is killed
+        and `subprocess.TimeoutExpired` raised; `check=True` raises `CalledProcessError`.
+        """
+        process = self.spawn(args, stdin=PIPE if input is not None else None, stdout=PIPE,
+                             stderr=PIPE, env=env, cwd=cwd, text=text)
+        try:
+            stdout, stderr = process.communicate(input, timeout=self._effective_timeout(timeout))
+        except subprocess.TimeoutExpired:
+            process._finish_after_timeout()
+            raise
+        finally:
+            self._processes.remove(process)
+            process._close_pipes()
+        result = subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
+        if check:
+            result.check_returncode()
+        return result
+
+    def _effective_timeout(self, timeout: float | None) -> float | None:
+        if self._deadline is None:
+            return timeout
+        remaining = max(0.0, self._deadline - time.monotonic())
+        return remaining if timeout is None else min(timeout, remaining)
+
+    def _env(self, extra: Mapping[str, str] | None) -> dict[str, str]:
+        env = {**BASE_ENV, **self.settings.env, **(extra or {})}
+        bad = [k for k, v in env.items() if not isinstance(k, str) or not isinstance(v, str) or "=" in k]
+        if bad:
+            raise ConfigError(f"environment names must be str without '=' and values str: {bad!r}")
+        return env
+
+    # -- files ------------------------------------------------------------------------------
+    def write_file(self, path: str, data: str | bytes, mode: int | None = None) -> None:
+        """Write a file inside the sandbox (in its writable layer), creating or replacing it."""
+        script = 'cat > "$1"' + (' && chmod "$2" "$1"' if mode is not None else "")
+        args = ["/bin/sh", "-c", script, "nsbox-write", path] + ([f"{mode:o}"] if mode is not None else [])
+        result = self.run(args, input=data, text=isinstance(data, str))
+        if result.returncode != 0:
+            raise _file_error("write", path, result.stderr)
+
+    def read_file(self, path: str, text: bool = True) -> str | bytes:
+        result = self.run(["/bin/cat", "--", path], text=text)
+        if result.returncode != 0:
+            raise _file_error("read", path, result.stderr)
+        return result.stdout
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"init pid {self.init_pid}"
+        return f"<Sandbox rootfs={self.settings.rootfs!r} network={self.settings.network} {state}>"
+
+
+class SandboxProcess:
+    """A command running in a sandbox, shaped like `subprocess.Popen`.
+
+    `pid` is the command's PID inside the sandbox.
+    """
+
+    def __init__(self, sandbox: Sandbox, channel: _Channel, pid: int, args: Command,
+                 streams: _Streams, text: bool, record: CommandRecord):
+        self.sandbox = sandbox
+        self.args = args
+        self.pid = pid
+        self.returncode: int | None = None
+        self._channel = channel
+        self._text = text
+        self._record = record
+        self._started = time.monotonic()
+        self.stdin: IO[Any] | None = streams.open_parent("stdin", text)
+        self.stdout: IO[Any] | None = streams.open_parent("stdout", text)
+        self.stderr: IO[Any] | None = streams.open_parent("stderr", text)
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self._channel.pump(0)
+            self._collect()
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            self._channel.wait_for(lambda: self.pid in self._channel.exits or self._channel.eof, timeout)
+            if not self._collect():
+                raise subprocess.TimeoutExpired(self.args, timeout)
+        assert self.returncode is not None
+        return self.returncode
+
+    def _collect(self) -> bool:
+        exits = self._channel.exits
+        if self.pid in exits:
+            self._set_returncode(exits.pop(self.pid))
+        elif self._channel.eof:
+            self._set_returncode(-9)  # the whole sandbox went away
+        return self.returncode is not None
+
+    def _set_returncode(self, code: int) -> None:
+        self.returncode = code
+        self._record.returncode = code
+        self._record.duration = time.monotonic() - self._started
+
+    def send_signal(self, sig: int, *, session: bool = False) -> None:
+        """Signal the command (with session=True, every process it started too)."""
+        if self.returncode is None and not self._channel.eof:
+            self._channel.send({"op": "signal", "pid": self.pid, "signal": int(sig), "session": session})
+
+    def terminate(self) -> None:
+        self.send_signal(15)
+
+    def kill(self) -> None:
+        self.send_signal(9, session=True)
+
+    def communicate(self, input: str | bytes | None = None,
+                    timeout: float | None = None) -> tuple[Any, Any]:
+        """Feed stdin, read stdout/stderr until the command exits, then return what it wrote.
+
+        Returns once the command has exited and its pipes are drained, even if processes it left
+        in the background still hold them open (their later output is not collected).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        chunks: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
+        with selectors.DefaultSelector() as sel:
+            pending_input = _encode(input)
+            if self.stdin is not None:
+                self.stdin.flush()
+                if pending_input:
+                    os.set_blocking(self.stdin.fileno(), False)
+                    sel.register(self.stdin.fileno(), selectors.EVENT_WRITE, "stdin")
+                else:
+                    self._close_stream("stdin")
+            for name in ("stdout", "stderr"):
+                stream = getattr(self, name)
+                if stream is not None:
+                    os.set_blocking(stream.fileno(), False)
+                    sel.register(stream.fileno(), selectors.EVENT_READ, name)
+            sel.register(self._channel.sock, selectors.EVENT_READ, "channel")
+            while self.poll() is None:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    self._partial = chunks
+                    raise subprocess.TimeoutExpired(self.args, timeout, _join(chunks["stdout"]),
+                                                    _join(chunks["stderr"]))
+                wait = 0.1 if remaining is None else min(remaining, 0.1)
+                for key, _ in sel.select(wait):
+                    if key.data == "channel":
+                        continue  # poll() reads it
+                    if key.data == "stdin":
+                        pending_input = self._feed(sel, key.fd, pending_input)
+                    elif not _read_into(key.fd, chunks[key.data]):
+                        sel.unregister(key.fd)
+            # The command is gone: everything it wrote is in the pipes now.
+            for name in ("stdout", "stderr"):
+                stream = getattr(self, name)
+                if stream is not None:
+                    while _read_into(stream.fileno(), chunks[name]):
+                        pass
+        out, err = _join(chunks["stdout"]), _join(chunks["stderr"])
+        self._record.stderr_tail = _tail(err)
+        if self.stdout is None:
+            out = None
+        if self.stderr is None:
+            err = None
+        return (self._decode(out), self._decode(err))
+
+    def _finish_after_timeout(self) -> None:
+        """Kill every process the command started, wait for it, and keep its output for the report."""
+        self.kill()
+        self.wait(timeout=_CLOSE_TIMEOUT)
+        self._record.timed_out = True
+
+    def _feed(self, sel: selectors.BaseSelector, fd: int, data: bytes) -> bytes:
+        try:
+            written = os.write(fd, data[:_READ_CHUNK])
+        except BlockingIOError:
+            return data
+        except BrokenPipeError:
+            written = len(data)
+        data = data[written:]
+        if not data:
+            sel.unregister(fd)
+            self._close_stream("stdin")
+        return data
+
+    def _decode(self, data: bytes | None) -> Any:
+        if data is None or not self._text:
+            return data
+        return data.decode("utf-8", errors="replace")
+
+    def _close_stream(self, name: str) -> None:
+        stream = getattr(self, name)
+        if stream is not None:
+            try:
+                stream.close()
+            except OSError:
+                pass
+            setattr(self, name, None)
+
+    def _close_pipes(self) -> None:
+        for name in ("stdin", "stdout", "stderr"):
+            self._close_stream(name)
+
+    def __enter__(self) -> SandboxProcess:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._close_pipes()
+        if self.returncode is None:
+            self.kill()
+            self.wait(_CLOSE_TIMEOUT)
+
+    def __repr__(self) -> str:
+        return f"<SandboxProcess pid={self.pid} returncode={self.returncode} args={self.args!r}>"
+
+
+@dataclass
+class _Streams:
+    """The three stdio slots of a command: what the child gets, and what we keep."""
+
+    child: list[int | None] = field(default_factory=lambda: [None, None, None])
+    parent: dict[str, int] = field(default_factory=dict)
+    owned_child: list[int] = field(default_factory=list)
+
+    @classmethod
+    def make(cls, stdin: Any, stdout: Any, stderr: Any) -> _Streams:
+        streams = cls()
+        try:
+            for slot, (name, spec) in enumerate((("stdin", stdin), ("stdout", stdout), ("stderr", stderr))):
+                streams._set(slot, name, spec)
+        except BaseException:
+            streams.close_child_ends()
+            streams.close_parent_ends()
+            raise
+        return streams
+
+    def _set(self, slot: int, name: str, spec: Any) -> None:
+        if spec is None:
+            self.child[slot] = None if slot == 0 else slot  # inherit our stdout/stderr
+        elif spec == DEVNULL:
+            self.child[slot] = None
+        elif spec == PIPE:
+            r, w = os.pipe2(os.O_CLOEXEC)
+            child, parent = (r, w) if slot == 0 else (w, r)
+            self.child[slot] = child
+            self.owned_child.append(child)
+            self.parent[name] = parent
+        elif spec == STDOUT and slot == 2:
+            self.child[2] = self.child[1] if self.child[1] is not None else None
+        elif isinstance(spec, int) and spec >= 0:
+            self.child[slot] = spec
+        elif hasattr(spec, "fileno"):
+            self.child[slot] = spec.fileno()
+        else:
+            raise ConfigError(f"{name} must be None, PIPE, DEVNULL, a file object or an fd, not {spec!r}")
+
+    def layout(self) -> list[str | None]:
+        return ["fd" if fd is not None else None for fd in self.child]
+
+    @property
+    def child_fds(self) -> list[int]:
+        return [fd for fd in self.child if fd is not None]
+
+    def close_child_ends(self) -> None:
+        for fd in self.owned_child:
+            os.close(fd)
+        self.owned_child.clear()
+
+    def close_parent_ends(self) -> None:
+        for fd in self.parent.values():
+            os.close(fd)
+        self.parent.clear()
+
+    def open_parent(self, name: str, text: bool) -> IO[Any] | None:
+        fd = self.parent.pop(name, None)
+        if fd is None:
+            return None
+        mode = "w" if name == "stdin" else "r"
+        if text:
+            return open(fd, mode, encoding="utf-8", errors="replace")
+        return open(fd, mode + "b", buffering=0)
+
+
+def _argv(args: Command) -> list[str]:
+    if isinstance(args, str):
+        return ["/bin/sh", "-c", args]
+    argv = [os.fspath(a) for a in args]
+    if not argv or not all(isinstance(a, str) for a in argv):
+        raise ConfigError(f"a command is a str (run by /bin/sh -c) or a non-empty list of str, not {args!r}")
+    return argv
+
+
+def _exec_error(error: str, argv: list[str]) -> OSError:
+    """A failed exec becomes the same exception subprocess would raise (FileNotFoundError...)."""
+    number, _, text = error.partition(":")
+    code = int(number) if number.isdigit() else 0
+    if code:
+        exc = OSError(code, f"{os.strerror(code)} in the sandbox: {text}", argv[0])
+        return exc
+    return SandboxSetupError(f"cannot start {argv!r} in the sandbox: {text}")
+
+
+def _file_error(verb: str, path: str, stderr: str | bytes) -> OSError:
+    message = stderr.decode(errors="replace") if isinstance(stderr, bytes) else stderr
+    code = errno.ENOENT if "No such file" in message else errno.EIO
+    return OSError(code, f"cannot {verb} {path} in the sandbox: {message.strip()}", path)
+
+
+def _read_into(fd: int, chunks: list[bytes]) -> bool:
+    """Read what is there; False at EOF or when nothing more is available right now."""
+    try:
+        data = os.read(fd, _READ_CHUNK)
+    except BlockingIOError:
+        return False
+    if not data:
+        return False
+    chunks.append(data)
+    return True
+
+
+def _encode(data: str | bytes | None) -> bytes:
+    if data is None:
+        return b""
+    return data.encode() if isinstance(data, str) else bytes(data)
+
+
+def _join(chunks: list[bytes]) -> bytes:
+    return b"".join(chunks)
+
+
+def _tail(data: bytes, lines: int = 10) -> str:
+    return "\n".join(data.decode("utf-8", errors="replace").splitlines()[-lines:])

@@ -1,0 +1,124 @@
+"""What a sandbox is made of: the settings dataclasses and their validation.
+
+The same keywords configure `Sandbox(...)`, `sandbox_factory(...)` and `@pytest.mark.sandbox(...)`,
+so validation lives here, once, and names the offending key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import posixpath
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from .errors import ConfigError
+
+NETWORK_MODES = ("none", "host")
+_HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+
+#: The environment every command starts from; nothing of the host's environment leaks in.
+BASE_ENV: Mapping[str, str] = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "HOME": "/root",
+    "TERM": "dumb",
+    "LANG": "C.UTF-8",
+}
+
+
+@dataclass(frozen=True)
+class Mount:
+    """A host path bound into the sandbox: read-only unless `rw`."""
+
+    source: Path
+    target: str
+    rw: bool = False
+
+    @classmethod
+    def coerce(cls, value: Mount | tuple[Any, ...] | list[Any]) -> Mount:
+        """Accept `Mount(...)`, `(source, target)`, `(source, target, "rw")` or `(..., "ro")`."""
+        if isinstance(value, Mount):
+            mount = value
+        elif isinstance(value, (tuple, list)) and len(value) in (2, 3):
+            mode = value[2] if len(value) == 3 else "ro"
+            if mode not in ("ro", "rw"):
+                raise ConfigError(f"mount mode must be 'ro' or 'rw', not {mode!r} (in {value!r})")
+            mount = cls(Path(value[0]), str(value[1]), mode == "rw")
+        else:
+            raise ConfigError(f"a mount is (source, target) or (source, target, 'rw'), not {value!r}")
+        return mount.validated()
+
+    def validated(self) -> Mount:
+        source = Path(os.path.abspath(os.fspath(self.source)))
+        if not source.exists():
+            raise ConfigError(f"mount source {source} does not exist")
+        target = os.fspath(self.target)
+        if not target.startswith("/") or ".." in target.split("/"):
+            raise ConfigError(f"mount target must be an absolute path without '..', not {target!r}")
+        target = posixpath.normpath(target)
+        if target == "/" or target.split("/")[1] in ("proc", "dev"):
+            raise ConfigError(f"mount target {target!r} would hide the sandbox's own / /proc or /dev")
+        return dataclasses.replace(self, source=source, target=target, rw=bool(self.rw))
+
+
+@dataclass(frozen=True)
+class SandboxSettings:
+    """Everything that defines one sandbox.  Keyword names are the public `Sandbox(...)` ones."""
+
+    rootfs: Union[str, os.PathLike[str], None] = None
+    cache_dir: Union[str, os.PathLike[str], None] = None
+    network: Literal["none", "host"] = "none"
+    hostname: str = "nsbox"
+    env: Mapping[str, str] = field(default_factory=dict)
+    mounts: tuple[Mount, ...] = ()
+    cwd: str = "/"
+    pids_max: int | None = None
+    timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.network not in NETWORK_MODES:
+            raise ConfigError(_bad("network", self.network, "'none' or 'host'"))
+        if not isinstance(self.hostname, str) or not _HOSTNAME.match(self.hostname):
+            raise ConfigError(_bad("hostname", self.hostname, "a valid host name (letters, digits, '-', '.')"))
+        if not isinstance(self.env, Mapping) or not all(
+                isinstance(k, str) and isinstance(v, str) and k and "=" not in k and "\0" not in k + v
+                for k, v in self.env.items()):
+            raise ConfigError(_bad("env", self.env, "a mapping of str names (without '=') to str values"))
+        object.__setattr__(self, "env", dict(self.env))
+        if isinstance(self.mounts, (str, bytes)) or not isinstance(self.mounts, Iterable):
+            raise ConfigError(_bad("mounts", self.mounts, "a list of (source, target[, 'rw']) tuples"))
+        object.__setattr__(self, "mounts", tuple(Mount.coerce(m) for m in self.mounts))
+        if not isinstance(self.cwd, str) or not self.cwd.startswith("/"):
+            raise ConfigError(_bad("cwd", self.cwd, "an absolute path inside the sandbox"))
+        if self.pids_max is not None and (isinstance(self.pids_max, bool) or not isinstance(self.pids_max, int)
+                                          or self.pids_max < 1):
+            raise ConfigError(_bad("pids_max", self.pids_max, "a positive int or None"))
+        if self.timeout is not None and (isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float))
+                                         or not self.timeout > 0 or math.isinf(self.timeout)):
+            raise ConfigError(_bad("timeout", self.timeout, "a positive number of seconds or None"))
+
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_kwargs(cls, kwargs: Mapping[str, Any], *, defaults: SandboxSettings | None = None,
+                    source: str = "Sandbox()") -> SandboxSettings:
+        """Build settings from keywords, naming `source` (e.g. the test) when a key is unknown."""
+        unknown = sorted(set(kwargs) - set(cls.keys()))
+        if unknown:
+            raise ConfigError(f"{source}: unknown sandbox setting {', '.join(map(repr, unknown))}; "
+                              f"allowed: {', '.join(cls.keys())}")
+        base = defaults or cls()
+        try:
+            return dataclasses.replace(base, **kwargs)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+
+
+def _bad(key: str, value: object, allowed: str) -> str:
+    return f"bad value for {key!r}: {value!r}; allowed: {allowed}"
