@@ -111,7 +111,7 @@ def unshare_hint(err: int, flags: int) -> str:
     return ""
 
 
-def userns_policy_hint() -> str:
+def userns_policy_hint(*, seccomp: bool = True) -> str:
     """The host policies that forbid unprivileged user namespaces, found by looking at the host."""
     checks = [
         ("/proc/sys/kernel/unprivileged_userns_clone", "0",
@@ -129,7 +129,7 @@ def userns_policy_hint() -> str:
                 return hint
         except OSError:
             continue
-    if Path("/.dockerenv").exists() or "docker" in _read("/proc/1/cgroup"):
+    if seccomp and Path("/.dockerenv").exists() or "docker" in _read("/proc/1/cgroup"):
         return ("this looks like a Docker container, whose default seccomp profile blocks "
                 "unshare(CLONE_NEWUSER): run the container with `--security-opt seccomp=unconfined` "
                 "(or a profile that allows unshare)")
@@ -239,7 +239,7 @@ def write_id_maps(uid: int, gid: int, inner: int = 0, pid: str = "self") -> None
         _write(f"{base}/gid_map", f"{inner} {gid} 1\n")
     except OSError as exc:
         raise KernelError(exc.errno or errno.EPERM, "write user namespace id map", exc.filename,
-                          userns_policy_hint() if exc.errno in (errno.EPERM, errno.EACCES) else "") from None
+                          userns_policy_hint(seccomp=False) if exc.errno in (errno.EPERM, errno.EACCES) else "") from None
 
 
 def _write(path: str, text: str) -> None:

@@ -183,11 +183,19 @@ def _escapes(base: tuple[str, ...], target: str) -> bool:
     return False
 
 
-def _walk(root_fd: int, parts: tuple[str, ...], member: str) -> int:
-    """Open the directory `parts` below root_fd, refusing any symlink on the way."""
+def _walk(root_fd: int, parts: tuple[str, ...], member: str, create: bool = False) -> int:
+    """Open the directory `parts` below root_fd, refusing any symlink on the way.
+
+    With `create`, missing directories are made (archives need not list every parent).
+    """
     fd = os.dup(root_fd)
     for part in parts:
         try:
+            if create:
+                try:
+                    os.mkdir(part, 0o755, dir_fd=fd)
+                except FileExistsError:
+                    pass
             nxt = os.open(part, _O_DIR, dir_fd=fd)
         except OSError as exc:
             os.close(fd)
@@ -203,7 +211,7 @@ def _walk(root_fd: int, parts: tuple[str, ...], member: str) -> int:
 
 def _extract_member(tar: tarfile.TarFile, member: tarfile.TarInfo, parts: tuple[str, ...],
                     root_fd: int, dir_modes: list[tuple[tuple[str, ...], int]]) -> None:
-    parent = _walk(root_fd, parts[:-1], member.name)
+    parent = _walk(root_fd, parts[:-1], member.name, create=True)
     name = parts[-1]
     try:
         if member.isdir():

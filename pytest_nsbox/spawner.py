@@ -133,9 +133,10 @@ def probe(network: str) -> dict[str, Any]:
     if pid == 0:
         os.close(r)
         message = b""
+        uid, gid = os.getuid(), os.getgid()
         try:
             kernel.unshare(namespace_flags(network))
-            kernel.write_id_maps(os.getuid(), os.getgid())
+            kernel.write_id_maps(uid, gid)
             kernel.mount(None, "/", None, kernel.MS_REC | kernel.MS_PRIVATE, operation="make mounts private")
             kernel.mount("tmpfs", "/tmp", "tmpfs", 0, "mode=0700", operation="mount tmpfs")
             for name in ("lower", "upper", "work", "root"):

@@ -1,0 +1,66 @@
+"""Observing sandboxes from the host, the way a user (or a leak) would be seen."""
+
+from __future__ import annotations
+
+import os
+import time
+
+
+def processes_in_pid_namespace(ns: str) -> list[int]:
+    """Host PIDs of the processes whose PID namespace is `ns` ('pid:[4026...]')."""
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                if os.readlink(f"/proc/{name}/ns/pid") == ns:
+                    found.append(int(name))
+            except OSError:
+                continue
+    return found
+
+
+def sandbox_processes(ns: str, init_pid: int) -> set[int]:
+    """Every live process of a sandbox, its init included.
+
+    The init is not dumpable, so an unprivileged owner cannot read its /proc/N/ns links: it is
+    counted by PID instead.
+    """
+    found = set(processes_in_pid_namespace(ns))
+    if alive(init_pid):
+        found.add(init_pid)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_until(predicate, timeout: float = 5.0, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(ppid, []).append(int(name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out

@@ -1,0 +1,155 @@
+"""Running commands: exit codes, signals, stdio, check, timeouts, spawn — the subprocess contract."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+
+import pytest
+
+from pytest_nsbox import SandboxClosed
+
+
+def test_os_release_is_alpine(sandbox):
+    result = sandbox.run(["cat", "/etc/os-release"])
+    assert result.returncode == 0
+    assert 'ID=alpine' in result.stdout
+    assert 'VERSION_ID=3.20.3' in result.stdout
+
+
+def test_string_runs_through_sh(sandbox):
+    result = sandbox.run("echo $0; exit 3")
+    assert result.returncode == 3
+    assert result.stdout == "/bin/sh\n"
+    assert result.args == "echo $0; exit 3"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL, signal.SIGABRT])
+def test_signal_death_is_negative_returncode(sandbox, sig):
+    assert sandbox.run(f"kill -{int(sig)} $$").returncode == -int(sig)
+
+
+def test_stdin_input_and_env_and_cwd(sandbox):
+    result = sandbox.run(["sh", "-c", 'tr a-z A-Z; echo "$X"; pwd'], input="hi\n", env={"X": "1"},
+                         cwd="/tmp")
+    assert result.stdout == "HI\n1\n/tmp\n"
+
+
+def test_large_input_and_output_do_not_deadlock(sandbox):
+    data = "x" * 3_000_000
+    result = sandbox.run(["cat"], input=data)
+    assert len(result.stdout) == len(data)
+
+
+def test_bytes_mode(sandbox):
+    result = sandbox.run(["printf", "\\377\\000"], text=False)
+    assert result.stdout == b"\xff\x00"
+
+
+def test_stderr_is_separate(sandbox):
+    result = sandbox.run("echo out; echo err >&2")
+    assert (result.stdout, result.stderr) == ("out\n", "err\n")
+
+
+def test_check_raises_called_process_error(sandbox):
+    with pytest.raises(subprocess.CalledProcessError) as info:
+        sandbox.run("echo oops >&2; exit 7", check=True)
+    assert info.value.returncode == 7
+    assert info.value.stderr == "oops\n"
+
+
+def test_missing_program_raises_file_not_found(sandbox):
+    with pytest.raises(FileNotFoundError, match="no-such-program"):
+        sandbox.run(["no-such-program"])
+
+
+def test_missing_cwd_raises(sandbox):
+    with pytest.raises(FileNotFoundError, match="/nowhere"):
+        sandbox.run(["true"], cwd="/nowhere")
+
+
+def test_timeout_kills_background_children_promptly(sandbox):
+    started = time.monotonic()
+    with pytest.raises(subprocess.TimeoutExpired):
+        # The background sleep holds stdout open: a naive communicate() would wait 60 s.
+        sandbox.run("sleep 60 & sleep 61; echo never", timeout=0.5)
+    assert time.monotonic() - started < 2.5
+    assert "sleep" not in sandbox.run(["ps", "-o", "args"]).stdout
+
+
+def test_run_returns_when_command_exits_even_if_background_holds_pipes(sandbox):
+    started = time.monotonic()
+    result = sandbox.run("sleep 30 & echo done")
+    assert result.stdout == "done\n"
+    assert time.monotonic() - started < 5
+
+
+def test_state_is_shared_between_runs(sandbox):
+    sandbox.run("echo kept > /root/note; apk --version > /tmp/apk", check=True)
+    assert sandbox.run(["cat", "/root/note"]).stdout == "kept\n"
+    assert sandbox.read_file("/tmp/apk").startswith("apk-tools")
+
+
+def test_write_and_read_file(sandbox):
+    sandbox.write_file("/etc/motd", "hello\n")
+    assert sandbox.read_file("/etc/motd") == "hello\n"
+    sandbox.write_file("/usr/local/bin/greet", "#!/bin/sh\necho hi $1\n", mode=0o755)
+    assert sandbox.run(["greet", "you"]).stdout == "hi you\n"
+    sandbox.write_file("/tmp/bin", b"\x00\x01")
+    assert sandbox.read_file("/tmp/bin", text=False) == b"\x00\x01"
+    with pytest.raises(FileNotFoundError):
+        sandbox.read_file("/no/such/file")
+
+
+def test_spawned_server_is_reachable_over_loopback(sandbox):
+    server = sandbox.spawn(["nc", "-l", "-p", "7777"], stdout=subprocess.PIPE)
+    for _ in range(100):
+        reply = sandbox.run("echo ping | nc -w 1 127.0.0.1 7777")
+        if reply.returncode == 0:
+            break
+        time.sleep(0.02)
+    assert server.wait(timeout=5) == 0
+    assert server.stdout.read() == "ping\n"
+
+
+def test_spawn_popen_interface(sandbox):
+    process = sandbox.spawn(["sh", "-c", "read line; echo got $line; echo e >&2; exit 4"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.pid > 1
+    assert process.poll() is None
+    out, err = process.communicate("x\n", timeout=5)
+    assert (out, err, process.returncode) == ("got x\n", "e\n", 4)
+
+
+def test_spawn_wait_timeout_terminate_and_kill(sandbox):
+    process = sandbox.spawn(["sleep", "60"])
+    with pytest.raises(subprocess.TimeoutExpired):
+        process.wait(timeout=0.1)
+    process.terminate()
+    assert process.wait(timeout=5) == -signal.SIGTERM
+    trapped = sandbox.spawn(["sh", "-c", "trap '' TERM; sleep 60"])
+    time.sleep(0.1)
+    trapped.kill()
+    assert trapped.wait(timeout=5) == -signal.SIGKILL
+
+
+def test_stdout_none_goes_to_callers_stdout(sandbox, capfd):
+    sandbox.spawn(["echo", "to pytest"]).wait(timeout=5)
+    assert "to pytest" in capfd.readouterr().out
+
+
+def test_use_after_close_is_an_error(sandbox_factory):
+    box = sandbox_factory()
+    box.close()
+    with pytest.raises(SandboxClosed):
+        box.run(["true"])
+    box.close()  # idempotent
+
+
+@pytest.mark.sandbox(timeout=1)
+def test_sandbox_lifetime_timeout(sandbox):
+    process = sandbox.spawn(["sleep", "60"])
+    assert process.wait(timeout=5) == -signal.SIGKILL
+    with pytest.raises(SandboxClosed, match="lifetime"):
+        sandbox.run(["true"])

@@ -1,0 +1,115 @@
+"""Cleanup is part of the feature: nothing of a sandbox outlives it, even when its owner dies."""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from pytest_nsbox import Sandbox
+
+from .helpers import alive, processes_in_pid_namespace, sandbox_processes, wait_until
+
+
+def _host_mounts() -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return sorted(line.split(" ", 4)[4] for line in f)
+
+
+def test_nothing_outlives_a_closed_sandbox(sandbox_factory, tmp_path):
+    mounts_before = _host_mounts()
+    tmp_before = set(os.listdir("/tmp"))
+    box = sandbox_factory(mounts=[(tmp_path, "/data", "rw")])
+    box.run("sleep 300 & sleep 301 & (setsid sleep 302 &) ; true", check=True)
+    box.spawn(["sleep", "303"])
+    pid_ns, init_pid = box.namespaces["pid"], box.init_pid
+    assert len(sandbox_processes(pid_ns, init_pid)) >= 5
+    box.close()
+    # close() returns only once the kernel has reaped the whole PID namespace.
+    assert processes_in_pid_namespace(pid_ns) == []
+    assert not alive(init_pid)
+    assert _host_mounts() == mounts_before
+    assert set(os.listdir("/tmp")) - tmp_before == set()
+
+
+def test_forgotten_sandbox_dies_with_its_last_reference(alpine_tarball, cache_dir):
+    box = Sandbox(rootfs=alpine_tarball, cache_dir=cache_dir).start()
+    box.spawn(["sleep", "300"])
+    pid_ns = box.namespaces["pid"]
+    del box
+    gc.collect()
+    assert wait_until(lambda: processes_in_pid_namespace(pid_ns) == [])
+
+
+OWNER = textwrap.dedent("""
+    import os, sys, time
+    from pytest_nsbox import Sandbox
+    box = Sandbox(rootfs=sys.argv[1], cache_dir=sys.argv[2]).start()
+    box.run("sleep 300 & true")
+    box.spawn(["sh", "-c", "trap '' TERM INT HUP; sleep 301"])
+    print(box.namespaces["pid"], box.init_pid, flush=True)
+    time.sleep(300)
+""")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
+def test_sandbox_dies_with_its_owner(sig, alpine_tarball, cache_dir):
+    owner = subprocess.Popen([sys.executable, "-c", OWNER, str(alpine_tarball), str(cache_dir)],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        pid_ns, init_pid = owner.stdout.readline().split()
+        assert len(sandbox_processes(pid_ns, int(init_pid))) == 3
+        owner.send_signal(sig)
+        owner.wait(timeout=10)
+        assert wait_until(lambda: processes_in_pid_namespace(pid_ns) == [], timeout=5)
+        assert not alive(int(init_pid))
+    finally:
+        owner.kill()
+        owner.wait()
+        owner.stdout.close()
+
+
+def test_pytest_killed_mid_test_leaves_nothing(pytester):
+    pytester.makepyfile(textwrap.dedent("""
+        import time
+        def test_hang(sandbox):
+            sandbox.spawn(["sleep", "300"])
+            with open("ns.txt", "w") as f:
+                f.write(sandbox.namespaces["pid"])
+            time.sleep(300)
+    """))
+    owner = pytester.popen([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        ns_file = pytester.path / "ns.txt"
+        assert wait_until(lambda: ns_file.exists() and ns_file.read_text(), timeout=30)
+        pid_ns = ns_file.read_text()
+        assert processes_in_pid_namespace(pid_ns)
+        owner.kill()
+        owner.wait(timeout=10)
+        assert wait_until(lambda: processes_in_pid_namespace(pid_ns) == [], timeout=5)
+    finally:
+        owner.kill()
+        owner.wait()
+
+
+def test_signals_to_init_are_forwarded_to_commands(sandbox):
+    process = sandbox.spawn(["sh", "-c", "trap 'echo got-term; kill $!; exit 17' TERM; sleep 30 & wait"],
+                            stdout=subprocess.PIPE)
+    time.sleep(0.2)
+    os.kill(sandbox.init_pid, signal.SIGTERM)
+    assert process.wait(timeout=5) == 17
+    assert process.stdout.read() == "got-term\n"
+    assert sandbox.run(["true"]).returncode == 0  # the sandbox itself carries on
+
+
+def test_zombies_are_reaped(sandbox):
+    sandbox.run("for i in 1 2 3 4 5; do (sleep 0.01 &) ; done; sleep 0.3", check=True)
+    states = sandbox.run(["sh", "-c", "cat /proc/[0-9]*/stat"]).stdout
+    assert ") Z " not in states

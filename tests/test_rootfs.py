@@ -1,0 +1,109 @@
+"""Local rootfs specs: directories, tarballs extracted once, and hostile archives refused."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+
+import pytest
+
+from pytest_nsbox import Sandbox, UnsafeArchiveError
+from pytest_nsbox.rootfs import extract, resolve
+
+
+def test_tarball_is_extracted_once_and_reused(alpine_tarball, tmp_path):
+    first = resolve(alpine_tarball, tmp_path)
+    assert (first.tree / "bin/busybox").is_file()
+    assert os.readlink(first.tree / "bin/sh") == "/bin/busybox"  # absolute links kept
+    stamp = first.tree.stat().st_mtime_ns
+    from pytest_nsbox import rootfs
+    rootfs._resolved.clear()
+    again = resolve(alpine_tarball, tmp_path)
+    assert again.tree == first.tree and again.tree.stat().st_mtime_ns == stamp
+    assert [p.name for p in (tmp_path / "trees").iterdir() if not p.name.endswith(".lock")] == [first.tree.name]
+
+
+def test_directory_rootfs(alpine_tarball, tmp_path):
+    tree = tmp_path / "alpine"
+    tree.mkdir()
+    extract(alpine_tarball, tree)
+    with Sandbox(rootfs=tree) as box:
+        assert "alpine" in box.run(["cat", "/etc/os-release"]).stdout
+
+
+def test_stale_half_extracted_entry_is_rebuilt(alpine_tarball, tmp_path):
+    from pytest_nsbox import rootfs
+    digest = rootfs.file_sha256(alpine_tarball)
+    stale = tmp_path / "trees" / f"sha256-{digest}.tmp-99999"
+    (stale / "bin").mkdir(parents=True)
+    (stale / "bin" / "half").write_text("")
+    rootfs._resolved.clear()
+    result = resolve(alpine_tarball, tmp_path)
+    assert not stale.exists()
+    assert (result.tree / "bin/busybox").is_file()
+
+
+def _tarball(path, *members):
+    with tarfile.open(path, "w:gz") as tar:
+        for info, data in members:
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return path
+
+
+def _file(name, data=b"x"):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    return info, data
+
+
+def _link(name, target, kind=tarfile.SYMTYPE):
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, target
+    return info, None
+
+
+def _special(name, kind):
+    info = tarfile.TarInfo(name)
+    info.type, info.devmajor, info.devminor = kind, 1, 3
+    return info, None
+
+
+@pytest.mark.parametrize("members, member_name", [
+    ([_file("/etc/evil")], "/etc/evil"),
+    ([_file("ok"), _file("../escape")], "../escape"),
+    ([_file("a/../../escape")], "a/../../escape"),
+    ([_link("up", "../../..")], "up"),
+    ([_link("etc", "/etc"), _file("etc/passwd")], "etc/passwd"),
+    ([_link("d", "sub"), _file("d/x")], "d/x"),
+    ([_special("dev/sda", tarfile.BLKTYPE)], "dev/sda"),
+    ([_special("dev/null", tarfile.CHRTYPE)], "dev/null"),
+    ([_special("fifo", tarfile.FIFOTYPE)], "fifo"),
+    ([_link("hard", "../../etc/passwd", tarfile.LNKTYPE)], "../../etc/passwd"),
+], ids=["absolute", "dotdot", "inner-dotdot", "escaping-symlink", "write-through-absolute-symlink",
+        "write-through-relative-symlink", "block-device", "char-device", "fifo", "escaping-hardlink"])
+def test_malicious_tarball_is_refused_and_not_cached(tmp_path, members, member_name):
+    archive = _tarball(tmp_path / "evil.tar.gz", *members)
+    cache = tmp_path / "cache"
+    with pytest.raises(UnsafeArchiveError, match=f"{member_name!r}".replace(".", r"\.")):
+        resolve(archive, cache)
+    leftovers = [p.name for p in (cache / "trees").iterdir() if not p.name.endswith(".lock")]
+    assert leftovers == []
+    assert not (tmp_path.parent / "escape").exists()
+
+
+def test_links_that_stay_inside_are_kept(tmp_path):
+    archive = _tarball(tmp_path / "ok.tar", _file("usr/bin/tool"), _link("bin", "usr/bin"),
+                       _link("usr/lib/abs", "/usr/bin/tool"), _link("usr/bin/hard", "usr/bin/tool", tarfile.LNKTYPE))
+    tree = resolve(archive, tmp_path / "cache").tree
+    assert os.readlink(tree / "bin") == "usr/bin"
+    assert os.readlink(tree / "usr/lib/abs") == "/usr/bin/tool"
+    assert (tree / "usr/bin/hard").stat().st_ino == (tree / "usr/bin/tool").stat().st_ino
+
+
+def test_not_a_tarball_is_a_clear_error(tmp_path):
+    from pytest_nsbox import RootfsError
+    bogus = tmp_path / "bogus.tar.gz"
+    bogus.write_bytes(b"not a tarball")
+    with pytest.raises(RootfsError, match="not a readable tarball"):
+        resolve(bogus, tmp_path / "cache")
