@@ -38,20 +38,25 @@ class RunOptions:
         if unavailable not in UNAVAILABLE_CHOICES:
             raise pytest.UsageError(f"--nsbox-unavailable must be one of {', '.join(UNAVAILABLE_CHOICES)}, "
                                     f"not {unavailable!r}")
-        return cls(rootfs=_option(config, "nsbox_rootfs", "NSBOX_ROOTFS"),
-                   cache_dir=_option(config, "nsbox_cache_dir", "NSBOX_CACHE_DIR") or str(default_cache_dir()),
+        return cls(rootfs=_option(config, "nsbox_rootfs", "NSBOX_ROOTFS", path=True),
+                   cache_dir=_option(config, "nsbox_cache_dir", "NSBOX_CACHE_DIR", path=True)
+                   or str(default_cache_dir()),
                    unavailable=unavailable)
 
     def defaults(self) -> SandboxSettings:
         return SandboxSettings(rootfs=self.rootfs, cache_dir=self.cache_dir)
 
 
-def _option(config: pytest.Config, name: str, env: str) -> str | None:
+def _option(config: pytest.Config, name: str, env: str, path: bool = False) -> str | None:
     value = config.getoption(name)
     if value is None:
         value = os.environ.get(env) or None
     if value is None:
         value = config.getini(name) or None
+        # A relative path in an ini file means relative to that file, as for pytest's own paths.
+        if value and path and config.inipath is not None and "/" in value \
+                and not os.path.isabs(value):
+            value = os.path.normpath(config.inipath.parent / value)
     return value
 
 

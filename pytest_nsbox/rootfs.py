@@ -12,6 +12,7 @@ import hashlib
 import os
 import shutil
 import stat
+import sys
 import tarfile
 import threading
 from dataclasses import dataclass
@@ -116,7 +117,11 @@ def remove_tree(path: Path) -> None:
     def make_writable_and_retry(func, p, _exc):
         os.chmod(os.path.dirname(p), 0o700)
         func(p)
-    if path.exists() or path.is_symlink():
+    if not (path.exists() or path.is_symlink()):
+        return
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=make_writable_and_retry)
+    else:
         shutil.rmtree(path, onerror=make_writable_and_retry)
 
 
