@@ -61,21 +61,24 @@ OWNER = textwrap.dedent("""
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
 def test_sandbox_dies_with_its_owner(sig, alpine_tarball, cache_dir):
     owner = subprocess.Popen([sys.executable, "-c", OWNER, str(alpine_tarball), str(cache_dir)],
-                             stdout=subprocess.PIPE, text=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        pid_ns, init_pid = owner.stdout.readline().split()
+        line = owner.stdout.readline()
+        assert line, owner.stderr.read()
+        pid_ns, init_pid = line.split()
         assert len(sandbox_processes(pid_ns, int(init_pid))) == 3
         owner.send_signal(sig)
         owner.wait(timeout=10)
-        assert wait_until(lambda: processes_in_pid_namespace(pid_ns) == [], timeout=5)
-        assert not alive(int(init_pid))
+        assert wait_until(lambda: not sandbox_processes(pid_ns, int(init_pid)), timeout=5)
     finally:
         owner.kill()
         owner.wait()
         owner.stdout.close()
+        owner.stderr.close()
 
 
-def test_pytest_killed_mid_test_leaves_nothing(pytester):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
+def test_pytest_killed_mid_test_leaves_nothing(pytester, sig):
     pytester.makepyfile(textwrap.dedent("""
         import time
         def test_hang(sandbox):
@@ -91,7 +94,7 @@ def test_pytest_killed_mid_test_leaves_nothing(pytester):
         assert wait_until(lambda: ns_file.exists() and ns_file.read_text(), timeout=30)
         pid_ns = ns_file.read_text()
         assert processes_in_pid_namespace(pid_ns)
-        owner.kill()
+        owner.send_signal(sig)
         owner.wait(timeout=10)
         assert wait_until(lambda: processes_in_pid_namespace(pid_ns) == [], timeout=5)
     finally:
