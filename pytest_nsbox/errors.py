@@ -33,3 +33,11 @@ class RootfsError(NsboxError):
 
 class UnsafeArchiveError(RootfsError):
     """A rootfs archive holds a member that could write outside its tree."""
+
+
+class NetworkError(RootfsError):
+    """A download failed for want of a network (refused, unreachable, timed out)."""
+
+
+class DigestMismatch(RootfsError):
+    """A downloaded file is not the one its digest promised: tampered, or a bad mirror."""

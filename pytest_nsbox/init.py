@@ -36,7 +36,8 @@ class Init:
     def setup(self) -> None:
         spec = self.spec
         binds = [layout.BindSpec(*b) for b in spec["mounts"]]
-        layout.build(spec["tree"], binds, host_network=spec["network"] == "host")
+        layout.build(spec["tree"], binds, host_network=spec["network"] == "host",
+                     host_root=spec.get("host_root", False))
         layout.set_hostname(spec["hostname"])
         if spec["network"] == "none":
             layout.bring_up_loopback()

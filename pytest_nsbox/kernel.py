@@ -176,22 +176,43 @@ def remount_bind_readonly(target: str) -> None:
 # open_tree(2) and move_mount(2) (Linux 5.2) have the same numbers on every architecture.
 _SYS_OPEN_TREE = 428
 _SYS_MOVE_MOUNT = 429
+_SYS_MOUNT_SETATTR = 442
 _OPEN_TREE_CLONE = 1
 _MOVE_MOUNT_F_EMPTY_PATH = 4
+_AT_EMPTY_PATH = 0x1000
+_AT_RECURSIVE = 0x8000
+_MOUNT_ATTR_RDONLY = 1
 
 
-def clone_mount(path: str) -> int:
-    """A detached bind mount of `path` (not of its submounts), as a descriptor to attach later.
+class _MountAttr(ctypes.Structure):
+    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+
+
+def clone_mount(path: str, recursive: bool = False) -> int:
+    """A detached bind mount of `path` (with its submounts if `recursive`), as a descriptor.
 
     Unlike a plain bind, it can still be attached after the mount it came from is detached, which
     is what lets binds be placed after pivot_root, inside the new root.
     """
-    fd = _libc.syscall(_SYS_OPEN_TREE, -100, _b(path), _OPEN_TREE_CLONE | os.O_CLOEXEC)
+    flags = _OPEN_TREE_CLONE | os.O_CLOEXEC | (_AT_RECURSIVE if recursive else 0)
+    fd = _libc.syscall(_SYS_OPEN_TREE, -100, _b(path), flags)
     if fd < 0:
         err = ctypes.get_errno()
         hint = "open_tree(2) needs Linux >= 5.2" if err == errno.ENOSYS else ""
         raise KernelError(err, "clone mount", path, hint)
     return fd
+
+
+def set_read_only(fd: int, recursive: bool) -> None:
+    """Make a detached mount tree read-only, every submount included (mount_setattr, Linux 5.12)."""
+    attr = _MountAttr(_MOUNT_ATTR_RDONLY, 0, 0, 0)
+    flags = _AT_EMPTY_PATH | (_AT_RECURSIVE if recursive else 0)
+    result = _libc.syscall(_SYS_MOUNT_SETATTR, fd, b"", flags, ctypes.byref(attr), ctypes.sizeof(attr))
+    if result != 0:
+        err = ctypes.get_errno()
+        raise KernelError(err, "make read-only", None,
+                          "mount_setattr(2) needs Linux >= 5.12" if err == errno.ENOSYS else "")
 
 
 def attach_mount(fd: int, target: str, source: str) -> None:

@@ -46,10 +46,14 @@ class BindSpec:
         return f"/proc/self/fd/{fd}"
 
 
-def build(tree: str, binds: list[BindSpec], host_network: bool) -> None:
-    """Make the sandbox's root and pivot into it.  Raises KernelError naming the failed step."""
+def build(tree: str, binds: list[BindSpec], host_network: bool, host_root: bool = False) -> None:
+    """Make the sandbox's root and pivot into it.  Raises KernelError naming the failed step.
+
+    With `host_root`, the root is a read-only recursive clone of the host's own tree instead of an
+    overlay (the `host` rootfs spec): nothing is copied, nothing of the host can be written.
+    """
     kernel.mount(None, "/", None, MS_REC | MS_PRIVATE, operation="make mounts private")
-    lower = _open_path(tree)
+    lower = kernel.clone_mount("/", recursive=True) if host_root else _open_path(tree)
     devices = {name: kernel.clone_mount(f"/dev/{name}") for name in DEVICES}
     if host_network:
         binds = [BindSpec(p, p, False) for p in HOST_NETWORK_FILES if os.path.exists(p)] + binds
@@ -60,9 +64,13 @@ def build(tree: str, binds: list[BindSpec], host_network: bool) -> None:
     for name in ("upper", "work", "root"):
         os.mkdir(f"{STAGING}/{name}", 0o755)
     new_root = f"{STAGING}/root"
-    kernel.mount("overlay", new_root, "overlay", 0,
-                 f"lowerdir=/proc/self/fd/{lower},upperdir={STAGING}/upper,"
-                 f"workdir={STAGING}/work,userxattr")
+    if host_root:
+        kernel.set_read_only(lower, recursive=True)
+        kernel.attach_mount(lower, new_root, "/")
+    else:
+        kernel.mount("overlay", new_root, "overlay", 0,
+                     f"lowerdir=/proc/self/fd/{lower},upperdir={STAGING}/upper,"
+                     f"workdir={STAGING}/work,userxattr")
     _ensure_dir(f"{new_root}/proc")
     kernel.mount("proc", f"{new_root}/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
 

@@ -6,18 +6,20 @@ Precedence of run-wide settings: ini < environment (NSBOX_*) < command line < ma
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
 
 from . import client
-from .errors import ConfigError, NsboxError, SandboxUnavailable
-from .rootfs import default_cache_dir
+from .errors import NsboxError, SandboxUnavailable
+from .rootfs import Rootfs, RootfsStore, default_cache_dir
 from .sandbox import Sandbox
 from .settings import SandboxSettings
+from .specs import parse as parse_spec
 
 UNAVAILABLE_CHOICES = ("fail", "skip")
 MARKER_HELP = ("sandbox(**settings): configure this test's `sandbox` fixture with the keywords of "
@@ -28,9 +30,11 @@ MARKER_HELP = ("sandbox(**settings): configure this test's `sandbox` fixture wit
 class RunOptions:
     """The run-wide settings, resolved once from ini, environment and command line."""
 
-    rootfs: str | None
+    rootfs: str
     cache_dir: str
     unavailable: str
+    mirror: str | None
+    offline: bool
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> RunOptions:
@@ -38,10 +42,14 @@ class RunOptions:
         if unavailable not in UNAVAILABLE_CHOICES:
             raise pytest.UsageError(f"--nsbox-unavailable must be one of {', '.join(UNAVAILABLE_CHOICES)}, "
                                     f"not {unavailable!r}")
-        return cls(rootfs=_option(config, "nsbox_rootfs", "NSBOX_ROOTFS", path=True),
+        offline = config.getoption("nsbox_offline") or \
+            (os.environ.get("NSBOX_OFFLINE") or config.getini("nsbox_offline") or "").lower() in ("1", "true", "yes", "on")
+        return cls(rootfs=_option(config, "nsbox_rootfs", "NSBOX_ROOTFS", path=True) or "alpine",
                    cache_dir=_option(config, "nsbox_cache_dir", "NSBOX_CACHE_DIR", path=True)
                    or str(default_cache_dir()),
-                   unavailable=unavailable)
+                   unavailable=unavailable,
+                   mirror=_option(config, "nsbox_alpine_mirror", "NSBOX_ALPINE_MIRROR"),
+                   offline=offline)
 
     def defaults(self) -> SandboxSettings:
         return SandboxSettings(rootfs=self.rootfs, cache_dir=self.cache_dir)
@@ -61,21 +69,30 @@ def _option(config: pytest.Config, name: str, env: str, path: bool = False) -> s
 
 
 _OPTIONS = pytest.StashKey[RunOptions]()
+_STORE = pytest.StashKey[RootfsStore]()
 _SANDBOXES = pytest.StashKey[list[Sandbox]]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("nsbox", "hermetic Linux sandboxes (pytest-nsbox)")
-    group.addoption("--nsbox-rootfs", dest="nsbox_rootfs", metavar="PATH", default=None,
-                    help="root filesystem of sandboxes: an Alpine minirootfs tarball or directory "
+    group.addoption("--nsbox-rootfs", dest="nsbox_rootfs", metavar="SPEC", default=None,
+                    help="root filesystem of sandboxes: alpine (default), alpine:X.Y, alpine:X.Y.Z"
+                         "[@sha256:HEX], https://URL#sha256=HEX, a tarball or directory, or host "
                          "(env NSBOX_ROOTFS, ini nsbox_rootfs)")
+    group.addoption("--nsbox-alpine-mirror", dest="nsbox_alpine_mirror", metavar="URL", default=None,
+                    help="Alpine mirror to download from (env NSBOX_ALPINE_MIRROR, ini "
+                         "nsbox_alpine_mirror; default https://dl-cdn.alpinelinux.org/alpine)")
+    group.addoption("--nsbox-offline", dest="nsbox_offline", action="store_true", default=None,
+                    help="never download: use the rootfs cache only (env NSBOX_OFFLINE, ini nsbox_offline)")
     group.addoption("--nsbox-cache-dir", dest="nsbox_cache_dir", metavar="DIR", default=None,
                     help="where extracted root filesystems are kept (env NSBOX_CACHE_DIR, ini "
                          "nsbox_cache_dir; default $XDG_CACHE_HOME/pytest-nsbox)")
     group.addoption("--nsbox-unavailable", dest="nsbox_unavailable", choices=UNAVAILABLE_CHOICES,
                     default=None, help="what sandboxed tests do where this kernel cannot make "
                                        "sandboxes: fail (default) or skip (ini nsbox_unavailable)")
-    parser.addini("nsbox_rootfs", "root filesystem of sandboxes (tarball or directory)", default=None)
+    parser.addini("nsbox_rootfs", "root filesystem of sandboxes (see --nsbox-rootfs)", default=None)
+    parser.addini("nsbox_alpine_mirror", "Alpine mirror to download from", default=None)
+    parser.addini("nsbox_offline", "never download: use the rootfs cache only (true/false)", default=None)
     parser.addini("nsbox_cache_dir", "where extracted root filesystems are kept", default=None)
     parser.addini("nsbox_unavailable", "fail or skip sandboxed tests where sandboxes cannot be made",
                   default=None)
@@ -83,15 +100,52 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", MARKER_HELP)
-    config.stash[_OPTIONS] = RunOptions.from_config(config)
+    options = config.stash[_OPTIONS] = RunOptions.from_config(config)
+    try:
+        store = RootfsStore(options.cache_dir, options.mirror, options.offline,
+                            progress=_Progress(config))
+        parse_spec(options.rootfs)
+    except NsboxError as exc:
+        raise pytest.UsageError(f"--nsbox-rootfs: {exc}") from None
+    config.stash[_STORE] = store
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
-    options = config.stash[_OPTIONS]
+    options, store = config.stash[_OPTIONS], config.stash[_STORE]
+    cached = store.cached(options.rootfs)
+    rootfs = cached.describe() if cached else f"{options.rootfs} (not cached yet: fetched on first use)"
     ok, why = client.probe("none")
     state = "available" if ok else f"UNAVAILABLE: {why}"
-    return [f"nsbox: rootfs {options.rootfs or '(none: set --nsbox-rootfs)'}, cache {options.cache_dir}",
+    return [f"nsbox: rootfs {rootfs}; cache {options.cache_dir}" + ("; offline" if options.offline else ""),
             f"nsbox: namespaces user,mnt,pid,ipc,uts,cgroup,net: {state}"]
+
+
+class _Progress:
+    """Download progress on the terminal: one line, rewritten, from the process that downloads.
+
+    xdist workers have no terminal and print nothing.
+    """
+
+    def __init__(self, config: pytest.Config):
+        self._config = config
+        self._last = 0.0
+
+    def __call__(self, name: str, done: int, total: int | None) -> None:
+        import time
+        reporter = self._config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is None or hasattr(self._config, "workerinput"):
+            return
+        now = time.monotonic()
+        finished = total is not None and done >= total
+        if not finished and done and now - self._last < 0.2:
+            return
+        self._last = now
+        size = f"{done / 1e6:.1f}/{total / 1e6:.1f} MB" if total else f"{done / 1e6:.1f} MB"
+        capture = self._config.pluginmanager.get_plugin("capturemanager")
+        with capture.global_and_fixture_disabled() if capture else _nothing():
+            reporter.write(f"\rnsbox: downloading {name} {size}", flush=True)
+            if finished:
+                reporter.write("\n", flush=True)
 
 
 @pytest.hookimpl(wrapper=True)
@@ -103,10 +157,15 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     return report
 
 
+def _nothing() -> contextlib.AbstractContextManager[None]:
+    return contextlib.nullcontext()
+
+
 def _describe(sandboxes: list[Sandbox]) -> str:
     lines = []
     for number, sb in enumerate(sandboxes, 1):
-        lines.append(f"sandbox {number}: rootfs {sb.settings.rootfs}, network {sb.settings.network}")
+        rootfs = sb.rootfs.describe() if sb.rootfs else sb.settings.rootfs
+        lines.append(f"sandbox {number}: rootfs {rootfs}, network {sb.settings.network}")
         for record in sb.history:
             status = "timed out" if record.timed_out else f"exit {record.returncode}" \
                 if record.returncode is not None else "still running"
@@ -124,8 +183,9 @@ def _shell_form(args: Any) -> str:
 class SandboxFactory:
     """Makes sandboxes for one test (keywords as for `Sandbox`); closes them all after it."""
 
-    def __init__(self, options: RunOptions, item: pytest.Item):
+    def __init__(self, options: RunOptions, store: RootfsStore, item: pytest.Item):
         self._options = options
+        self._store = store
         self._item = item
         self.sandboxes: list[Sandbox] = item.stash.setdefault(_SANDBOXES, [])
 
@@ -149,12 +209,11 @@ class SandboxFactory:
     def _make(self, settings: dict[str, Any]) -> Sandbox:
         resolved = SandboxSettings.from_kwargs(settings, defaults=self._options.defaults(),
                                                source=self._item.nodeid)
-        if resolved.rootfs is None:
-            raise ConfigError("no rootfs configured: pass --nsbox-rootfs=PATH (an Alpine minirootfs "
-                              "tarball or tree), set NSBOX_ROOTFS, or nsbox_rootfs in the ini file")
         ok, why = client.probe(resolved.network)
         if not ok:
             raise SandboxUnavailable(f"this machine cannot make sandboxes: {why}")
+        if not isinstance(resolved.rootfs, Rootfs):
+            resolved = replace(resolved, rootfs=self._store.resolve(resolved.rootfs))
         sandbox = Sandbox.from_settings(resolved)
         self.sandboxes.append(sandbox)
         return sandbox.start()
@@ -167,7 +226,7 @@ class SandboxFactory:
 @pytest.fixture
 def sandbox_factory(request: pytest.FixtureRequest) -> Iterator[SandboxFactory]:
     """Make sandboxes in a test: `sandbox_factory(network="host")`; all are closed after it."""
-    factory = SandboxFactory(request.config.stash[_OPTIONS], request.node)
+    factory = SandboxFactory(request.config.stash[_OPTIONS], request.config.stash[_STORE], request.node)
     try:
         yield factory
     finally:
@@ -193,4 +252,5 @@ def nsbox_defaults(pytestconfig: pytest.Config) -> SandboxSettings:
             with Sandbox.from_settings(nsbox_defaults) as sb:
                 yield sb
     """
-    return pytestconfig.stash[_OPTIONS].defaults()
+    options, store = pytestconfig.stash[_OPTIONS], pytestconfig.stash[_STORE]
+    return replace(options.defaults(), rootfs=store.resolve(options.rootfs))

@@ -1,29 +1,46 @@
-"""The rootfs store: turn a rootfs spec into a read-only tree on the host, extracting it once.
+"""The rootfs store: turn a spec into a read-only tree on the host, fetching and extracting once.
 
-A tree in the store is only ever used as an overlay lower layer, so sandboxes never change it.
-Archives are extracted by the calling user (files owned by an unmapped uid could not be changed
-through the overlay) with our own member checks: Alpine's busybox links are absolute symlinks that
-are legitimate inside the tree, which Python 3.14's `data` filter would refuse.
+Cache layout (`--nsbox-cache-dir`, default `$XDG_CACHE_HOME/pytest-nsbox`)::
+
+    trees/sha256-<digest>/        an extracted tree, named by its archive's SHA-256; only ever an
+                                  overlay lower layer, so sandboxes never change it
+    trees/sha256-<digest>.json    where it came from (spec, version, arch, trust, source, size);
+                                  its mtime is the entry's "last used"
+    trees/sha256-<digest>.lock    held while the entry is fetched or extracted
+    resolutions.json              spec -> version and digest, so `alpine:3.20` resolves offline
+
+Every entry is written to a temp name and renamed into place under its lock, so N xdist workers
+or N concurrent pytest runs fetch and extract it exactly once, and an entry half-written by a
+killed process is never mistaken for a complete one (its temp files are swept next time).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
-import stat
 import sys
-import tarfile
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from filelock import FileLock
 
-from .errors import RootfsError, UnsafeArchiveError
+from . import alpine, archive
+from .download import Progress, fetch_file, fetch_text
+from .errors import NetworkError, RootfsError
+from .specs import AlpineSpec, HostSpec, PathSpec, RootfsSpec, UrlSpec, parse
 
-ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2")
-_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+TRUST_NOTES = {
+    "pinned": "digest pinned by pytest-nsbox",
+    "caller": "digest pinned by the caller",
+    "mirror": "digest from the mirror: trust on first use",
+    "local": "local file",
+    "host": "the host's filesystem",
+}
 
 
 @dataclass(frozen=True)
@@ -33,6 +50,31 @@ class Rootfs:
     spec: str
     tree: Path
     digest: str | None = None
+    version: str | None = None
+    arch: str | None = None
+    trust: str = "local"
+    host: bool = False
+
+    def describe(self) -> str:
+        parts = [self.spec]
+        if self.version and self.spec != f"alpine:{self.version}":
+            parts.append(f"-> {self.version}")
+        if self.arch:
+            parts.append(self.arch)
+        if self.digest:
+            parts.append(f"sha256:{self.digest[:12]}")
+        return f"{' '.join(parts)} ({TRUST_NOTES[self.trust]})"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One cached tree, as `nsbox rootfs list` shows it."""
+
+    digest: str
+    tree: Path
+    meta: dict
+    size: int
+    last_used: float
 
 
 def default_cache_dir() -> Path:
@@ -43,77 +85,239 @@ def default_cache_dir() -> Path:
     return Path(xdg) / "pytest-nsbox"
 
 
-_resolved: dict[tuple[str, str, int, int, int], Rootfs] = {}
-_resolved_lock = threading.Lock()
+def env_offline() -> bool:
+    return os.environ.get("NSBOX_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+class RootfsStore:
+    def __init__(self, cache_dir: str | os.PathLike[str] | None = None, mirror: str | None = None,
+                 offline: bool | None = None, progress: Progress | None = None):
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.mirror = alpine.mirror_url(mirror)
+        self.offline = env_offline() if offline is None else offline
+        self.progress = progress
+        self.trees = self.cache_dir / "trees"
+        self._memo: dict[str, Rootfs] = {}
+        self._lock = threading.Lock()
+
+    # -- resolving --------------------------------------------------------------------------
+    def resolve(self, spec: str | os.PathLike[str] | RootfsSpec, refresh: bool = False) -> Rootfs:
+        """The tree for `spec`, fetching and extracting it if it is not cached yet."""
+        parsed = spec if isinstance(spec, (AlpineSpec, UrlSpec, PathSpec, HostSpec)) else parse(spec)
+        key = str(parsed)
+        with self._lock:
+            hit = None if refresh else self._memo.get(key)
+        if hit is not None and (hit.host or hit.tree.is_dir()):
+            return hit
+        result = self._resolve(parsed, key, refresh)
+        with self._lock:
+            self._memo[key] = result
+        return result
+
+    def cached(self, spec: str | os.PathLike[str]) -> Rootfs | None:
+        """The tree for `spec` if it can be had without network or extraction, else None."""
+        try:
+            return RootfsStore(self.cache_dir, self.mirror, offline=True)._resolve_offline(parse(spec))
+        except RootfsError:
+            return None
+
+    def _resolve(self, spec: RootfsSpec, key: str, refresh: bool) -> Rootfs:
+        if isinstance(spec, HostSpec):
+            return Rootfs("host", Path("/"), trust="host", host=True)
+        if isinstance(spec, PathSpec):
+            if spec.is_dir:
+                return Rootfs(key, spec.path)
+            digest = file_sha256(spec.path)
+            tree = self._materialize(digest, lambda dest: shutil.copyfile(spec.path, dest),
+                                     {"source": str(spec.path), "spec": key, "trust": "local"})
+            return Rootfs(key, tree, digest)
+        if isinstance(spec, UrlSpec):
+            return self._fetch(key, spec.url, spec.digest, "caller", None, None)
+        return self._resolve_alpine(spec, key, refresh)
+
+    def _resolve_offline(self, spec: RootfsSpec) -> Rootfs:
+        if isinstance(spec, HostSpec):
+            return Rootfs("host", Path("/"), trust="host", host=True)
+        if isinstance(spec, PathSpec) and not spec.is_dir:
+            digest = file_sha256(spec.path)
+            if not (self.trees / f"sha256-{digest}").is_dir():
+                raise RootfsError(f"{spec.path} is not extracted yet")
+        return self._resolve(spec, str(spec), refresh=False)
+
+    def _resolve_alpine(self, spec: AlpineSpec, key: str, refresh: bool) -> Rootfs:
+        arch = alpine.machine_arch()
+        pins = alpine.pins()
+        record_key = f"{key}/{arch}"
+        if not refresh and not spec.digest:
+            recorded = self._resolutions().get(record_key)
+            if recorded and (self.trees / f"sha256-{recorded['digest']}").is_dir():
+                return self._hit(key, recorded["digest"], recorded["version"], arch, recorded["trust"])
+        if spec.version is None and spec.branch is None:
+            version, digest, trust = pins.default, pins.digest(pins.default, arch), "pinned"
+        elif spec.version is None:
+            version, digest, trust = self._latest_of_branch(key, spec.branch, arch, pins)
+        else:
+            version = spec.version
+            digest, trust = (spec.digest, "caller") if spec.digest else (pins.digest(version, arch), "pinned")
+        if digest is None:
+            digest, trust = self._mirror_digest(key, version, arch), "mirror"
+        rootfs = self._fetch(key, alpine.tarball_url(self.mirror, version, arch), digest, trust, version, arch)
+        self._record(record_key, {"version": version, "digest": digest, "trust": trust})
+        return rootfs
+
+    def _latest_of_branch(self, key: str, branch: str, arch: str, pins: alpine.Pins) -> tuple[str, str | None, str]:
+        url = f"{alpine.release_dir(self.mirror, branch, arch)}/latest-releases.yaml"
+        release = alpine.latest_minirootfs(self._fetch_text(key, url), arch)
+        pinned = pins.digest(release.version, arch)
+        if pinned and release.sha256 and pinned != release.sha256:
+            raise RootfsError(f"the mirror {self.mirror} lists alpine {release.version} ({arch}) with SHA-256 "
+                              f"{release.sha256}, but pytest-nsbox pins {pinned}: refusing a tampered or "
+                              "broken mirror")
+        if pinned:
+            return release.version, pinned, "pinned"
+        return release.version, release.sha256, "mirror"
+
+    def _mirror_digest(self, key: str, version: str, arch: str) -> str:
+        url = alpine.tarball_url(self.mirror, version, arch) + ".sha256"
+        digest = alpine.parse_checksum_file(self._fetch_text(key, url), alpine.file_name(version, arch))
+        if not digest:
+            raise RootfsError(f"{url} holds no SHA-256 for {alpine.file_name(version, arch)}")
+        return digest
+
+    def _fetch_text(self, key: str, url: str) -> str:
+        if self.offline:
+            raise self._miss(key, "--nsbox-offline is set")
+        try:
+            return fetch_text(url)
+        except NetworkError as exc:
+            raise self._miss(key, str(exc)) from None
+
+    def _fetch(self, key: str, url: str, digest: str, trust: str, version: str | None,
+               arch: str | None) -> Rootfs:
+        tree = self.trees / f"sha256-{digest}"
+        if tree.is_dir():
+            return self._hit(key, digest, version, arch, trust)
+        if self.offline:
+            raise self._miss(key, "--nsbox-offline is set")
+
+        def download(dest: Path) -> None:
+            try:
+                fetch_file(url, dest, digest, self.progress)
+            except NetworkError as exc:
+                raise self._miss(key, str(exc)) from None
+
+        meta = {"source": url, "spec": key, "version": version, "arch": arch, "trust": trust}
+        self._materialize(digest, download, meta)
+        return Rootfs(key, tree, digest, version, arch, trust)
+
+    def _hit(self, key: str, digest: str, version: str | None, arch: str | None, trust: str) -> Rootfs:
+        _touch(self.trees / f"sha256-{digest}.json")
+        return Rootfs(key, self.trees / f"sha256-{digest}", digest, version, arch, trust)
+
+    def _miss(self, key: str, why: str) -> RootfsError:
+        return RootfsError(
+            f"rootfs {key} is not in the cache {self.cache_dir} and cannot be fetched ({why}). "
+            f"Fill the cache where there is network with `nsbox rootfs pull {key} --cache-dir "
+            f"{self.cache_dir}`, or use a local tarball: --nsbox-rootfs=PATH")
+
+    # -- the cache --------------------------------------------------------------------------
+    def _materialize(self, digest: str, produce: Callable[[Path], None], meta: dict) -> Path:
+        """Make trees/sha256-<digest> exist, once, whoever else is trying at the same time."""
+        tree = self.trees / f"sha256-{digest}"
+        if tree.is_dir():
+            return tree
+        try:
+            self.trees.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RootfsError(f"cannot create the rootfs cache {self.trees}: {exc.strerror}; choose "
+                              "another with --nsbox-cache-dir or NSBOX_CACHE_DIR") from None
+        with FileLock(str(tree) + ".lock"):
+            if tree.is_dir():
+                return tree
+            # We hold the entry's lock: any temp file of this entry is a killed process's leftover.
+            for stale in self.trees.glob(f"{tree.name}.tmp-*"):
+                remove_tree(stale) if stale.is_dir() else stale.unlink()
+            tarball = self.trees / f"{tree.name}.tmp-{os.getpid()}.tar"
+            staging = self.trees / f"{tree.name}.tmp-{os.getpid()}"
+            try:
+                produce(tarball)
+                if file_sha256(tarball) != digest:
+                    raise RootfsError(f"{meta['source']} changed while it was being cached; try again")
+                staging.mkdir()
+                archive.extract(tarball, staging)
+                meta = {**meta, "digest": digest, "created": time.time(), "size": _tree_size(staging)}
+                _write_json(self.trees / f"{tree.name}.json", meta)
+                os.rename(staging, tree)
+            finally:
+                if tarball.exists():
+                    tarball.unlink()
+                if staging.exists():
+                    remove_tree(staging)
+        return tree
+
+    def _resolutions(self) -> dict:
+        try:
+            return json.loads((self.cache_dir / "resolutions.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _record(self, key: str, value: dict) -> None:
+        path = self.cache_dir / "resolutions.json"
+        with FileLock(str(path) + ".lock"):
+            data = self._resolutions()
+            if data.get(key) != value:
+                data[key] = value
+                _write_json(path, data)
+
+    def entries(self) -> list[Entry]:
+        found = []
+        for meta_path in sorted(self.trees.glob("sha256-*.json")) if self.trees.is_dir() else []:
+            tree = meta_path.with_suffix("")
+            if not tree.is_dir():
+                continue
+            try:
+                meta = json.loads(meta_path.read_text())
+            except (OSError, ValueError):
+                meta = {}
+            found.append(Entry(tree.name.removeprefix("sha256-"), tree, meta, int(meta.get("size", 0)),
+                               meta_path.stat().st_mtime))
+        return sorted(found, key=lambda e: e.last_used, reverse=True)
+
+    def prune(self, keep: int = 0) -> list[Entry]:
+        """Remove all but the `keep` most recently used trees; return the removed ones."""
+        removed = []
+        for entry in self.entries()[keep:]:
+            with FileLock(str(entry.tree) + ".lock"):
+                remove_tree(entry.tree)
+                entry.tree.with_suffix(".json").unlink(missing_ok=True)
+            entry.tree.with_suffix(".lock").unlink(missing_ok=True)
+            removed.append(entry)
+        return removed
+
+
+_default_stores: dict[tuple[str, str, bool], RootfsStore] = {}
 
 
 def resolve(spec: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None) -> Rootfs:
-    """A local directory is used as it is; a local tarball is extracted into the cache once."""
-    path = Path(os.path.abspath(os.path.expanduser(os.fspath(spec))))
-    if path.is_dir():
-        return Rootfs(str(spec), path)
-    if not path.is_file():
-        raise RootfsError(
-            f"rootfs {os.fspath(spec)!r} is neither a directory nor a tarball that exists "
-            f"(looked at {path}); pass --nsbox-rootfs=PATH to an Alpine minirootfs tarball or tree")
-    if not path.name.endswith(ARCHIVE_SUFFIXES):
-        raise RootfsError(f"rootfs {path} is not a directory or a tarball ({', '.join(ARCHIVE_SUFFIXES)})")
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    st = path.stat()
-    key = (str(path), str(cache), st.st_size, st.st_mtime_ns, st.st_ino)
-    with _resolved_lock:
-        found = _resolved.get(key)
-    if found is None:
-        found = _extract_cached(path, cache, str(spec))
-        with _resolved_lock:
-            _resolved[key] = found
-    return found
-
-
-def _extract_cached(archive: Path, cache: Path, spec: str) -> Rootfs:
-    digest = file_sha256(archive)
-    trees = cache / "trees"
-    tree = trees / f"sha256-{digest}"
-    if tree.is_dir():
-        return Rootfs(spec, tree, digest)
-    try:
-        trees.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise RootfsError(f"cannot create the rootfs cache {trees}: {exc.strerror}; "
-                          "choose another with --nsbox-cache-dir or NSBOX_CACHE_DIR") from None
-    with FileLock(str(tree) + ".lock"):
-        if tree.is_dir():
-            return Rootfs(spec, tree, digest)
-        # A process killed mid-extraction leaves its temp dir behind; we hold the lock, so any
-        # temp dir of this entry is stale.
-        for stale in trees.glob(f"{tree.name}.tmp-*"):
-            remove_tree(stale)
-        staging = trees / f"{tree.name}.tmp-{os.getpid()}"
-        staging.mkdir()
-        try:
-            extract(archive, staging)
-            os.rename(staging, tree)
-        except BaseException:
-            remove_tree(staging)
-            raise
-    return Rootfs(spec, tree, digest)
+    """Resolve with a store configured from the environment (what `Sandbox(rootfs=...)` uses)."""
+    store = RootfsStore(cache_dir)
+    key = (str(store.cache_dir), store.mirror, store.offline)
+    store = _default_stores.setdefault(key, store)
+    return store.resolve(spec)
 
 
 def file_sha256(path: Path) -> str:
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest() if hasattr(hashlib, "file_digest") \
-            else _sha256_stream(f)
-
-
-def _sha256_stream(f) -> str:  # Python 3.10
-    h = hashlib.sha256()
-    for block in iter(lambda: f.read(1 << 20), b""):
-        h.update(block)
-    return h.hexdigest()
+        if hasattr(hashlib, "file_digest"):
+            return hashlib.file_digest(f, "sha256").hexdigest()
+        h = hashlib.sha256()  # Python 3.10
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+        return h.hexdigest()
 
 
 def remove_tree(path: Path) -> None:
-    """rmtree that also removes read-only directories, which Alpine's tree has."""
+    """rmtree that also removes read-only directories."""
     def make_writable_and_retry(func, p, _exc):
         os.chmod(os.path.dirname(p), 0o700)
         func(p)
@@ -125,140 +329,31 @@ def remove_tree(path: Path) -> None:
         shutil.rmtree(path, onerror=make_writable_and_retry)
 
 
-def extract(archive: Path, dest: Path) -> None:
-    """Extract `archive` into the empty directory `dest`, never following a link on the host."""
-    root_fd = os.open(dest, _O_DIR)
-    dir_modes: list[tuple[tuple[str, ...], int]] = []
-    try:
-        with tarfile.open(archive) as tar:
-            for member in tar:
-                parts = member_parts(member.name)
-                if not parts:
-                    continue
-                _check_member(member, parts)
-                _extract_member(tar, member, parts, root_fd, dir_modes)
-        # Directories get their real modes last, so that a read-only one could still be filled.
-        for parts, mode in reversed(dir_modes):
-            fd = _walk(root_fd, parts, member="/".join(parts))
+def _tree_size(root: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
             try:
-                os.chmod(fd, mode)
-            finally:
-                os.close(fd)
-    except tarfile.TarError as exc:
-        raise RootfsError(f"{archive} is not a readable tarball: {exc}") from None
-    finally:
-        os.close(root_fd)
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                pass
+    return total
 
 
-def member_parts(name: str) -> tuple[str, ...]:
-    path = PurePosixPath(name)
-    if path.is_absolute():
-        raise UnsafeArchiveError(f"archive member {name!r} has an absolute path")
-    parts = tuple(p for p in path.parts if p not in ("", "."))
-    if ".." in parts:
-        raise UnsafeArchiveError(f"archive member {name!r} has a '..' component")
-    return parts
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, path)
 
 
-def _check_member(member: tarfile.TarInfo, parts: tuple[str, ...]) -> None:
-    if member.isdev() or member.isfifo():
-        raise UnsafeArchiveError(f"archive member {member.name!r} is a device node or FIFO")
-    if member.issym():
-        target = member.linkname
-        # An absolute target is resolved inside the sandbox's root, so it stays in the tree;
-        # a relative one must not climb above the tree's root from where the link stands.
-        if not target.startswith("/") and _escapes(parts[:-1], target):
-            raise UnsafeArchiveError(f"archive member {member.name!r} is a symlink that escapes the "
-                                     f"tree ({member.name} -> {target})")
-    elif member.islnk():
-        member_parts(member.linkname)
-    elif not (member.isfile() or member.isdir()):
-        raise UnsafeArchiveError(f"archive member {member.name!r} has an unsupported type")
+_touched: set[Path] = set()
 
 
-def _escapes(base: tuple[str, ...], target: str) -> bool:
-    depth = len(base)
-    for part in PurePosixPath(target).parts:
-        if part == "..":
-            depth -= 1
-            if depth < 0:
-                return True
-        elif part not in ("", "."):
-            depth += 1
-    return False
-
-
-def _walk(root_fd: int, parts: tuple[str, ...], member: str, create: bool = False) -> int:
-    """Open the directory `parts` below root_fd, refusing any symlink on the way.
-
-    With `create`, missing directories are made (archives need not list every parent).
-    """
-    fd = os.dup(root_fd)
-    for part in parts:
+def _touch(path: Path) -> None:
+    """Mark an entry used, once per process (a hit must stay a few stat calls)."""
+    if path not in _touched:
+        _touched.add(path)
         try:
-            if create:
-                try:
-                    os.mkdir(part, 0o755, dir_fd=fd)
-                except FileExistsError:
-                    pass
-            nxt = os.open(part, _O_DIR, dir_fd=fd)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in (40, 20):  # ELOOP, ENOTDIR: a symlink or a file stands in the way
-                raise UnsafeArchiveError(
-                    f"archive member {member!r} would be written through {part!r}, which is not "
-                    "a directory in the tree (a symlink?)") from None
-            raise
-        os.close(fd)
-        fd = nxt
-    return fd
-
-
-def _extract_member(tar: tarfile.TarFile, member: tarfile.TarInfo, parts: tuple[str, ...],
-                    root_fd: int, dir_modes: list[tuple[tuple[str, ...], int]]) -> None:
-    parent = _walk(root_fd, parts[:-1], member.name, create=True)
-    name = parts[-1]
-    try:
-        if member.isdir():
-            try:
-                os.mkdir(name, 0o700, dir_fd=parent)
-            except FileExistsError:
-                if not stat.S_ISDIR(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode):
-                    raise UnsafeArchiveError(f"archive member {member.name!r} replaces a non-directory")
-            dir_modes.append((parts, member.mode & 0o1777 | 0o700))
-            return
-        _unlink_existing(name, parent)
-        if member.issym():
-            os.symlink(member.linkname, name, dir_fd=parent)
-        elif member.islnk():
-            src_parts = member_parts(member.linkname)
-            src_parent = _walk(root_fd, src_parts[:-1], member.name)
-            try:
-                os.link(src_parts[-1], name, src_dir_fd=src_parent, dst_dir_fd=parent,
-                        follow_symlinks=False)
-            finally:
-                os.close(src_parent)
-        else:
-            # setuid/setgid bits are dropped: the tree is owned by the calling user on the host.
-            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         member.mode & 0o777, dir_fd=parent)
-            with os.fdopen(fd, "wb") as out:
-                source = tar.extractfile(member)
-                assert source is not None
-                shutil.copyfileobj(source, out, 1 << 20)
-                os.chmod(out.fileno(), member.mode & 0o777)
-        if not member.islnk():
-            os.utime(name, ns=(member.mtime * 10**9, member.mtime * 10**9), dir_fd=parent,
-                     follow_symlinks=False)
-    finally:
-        os.close(parent)
-
-
-def _unlink_existing(name: str, parent: int) -> None:
-    try:
-        st = os.stat(name, dir_fd=parent, follow_symlinks=False)
-    except FileNotFoundError:
-        return
-    if stat.S_ISDIR(st.st_mode):
-        raise UnsafeArchiveError(f"archive member {name!r} would replace a directory")
-    os.unlink(name, dir_fd=parent)
+            os.utime(path)
+        except OSError:
+            pass

@@ -139,7 +139,7 @@ class Sandbox:
     the same namespaces and filesystem, like `docker exec` into a running container.
     """
 
-    def __init__(self, rootfs: str | os.PathLike[str] | None = None,
+    def __init__(self, rootfs: str | os.PathLike[str] | Rootfs | None = None,
                  cache_dir: str | os.PathLike[str] | None = None, network: str = "none",
                  hostname: str = "nsbox", env: Mapping[str, str] | None = None,
                  mounts: Sequence[Mount | tuple[Any, ...]] = (), cwd: str = "/",
@@ -173,12 +173,12 @@ class Sandbox:
     def start(self) -> Sandbox:
         if self._channel is not None:
             return self
-        if self.settings.rootfs is None:
-            raise ConfigError("no rootfs given: pass Sandbox(rootfs=PATH) with an Alpine minirootfs "
-                              "tarball or tree (or --nsbox-rootfs=PATH under pytest)")
-        self.rootfs = resolve(self.settings.rootfs, self.settings.cache_dir)
+        rootfs = self.settings.rootfs
+        self.rootfs = rootfs if isinstance(rootfs, Rootfs) else resolve(rootfs or "alpine",
+                                                                        self.settings.cache_dir)
         spec = {
             "tree": str(self.rootfs.tree),
+            "host_root": self.rootfs.host,
             "network": self.settings.network,
             "hostname": self.settings.hostname,
             "mounts": [[str(m.source), m.target, m.rw] for m in self.settings.mounts],

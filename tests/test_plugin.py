@@ -74,7 +74,7 @@ def test_marker_is_registered_for_strict_markers(pytester):
 def test_header_names_rootfs_and_namespaces(pytester):
     pytester.makepyfile("def test_x():\n    pass\n")
     result = pytester.runpytest_subprocess()
-    result.stdout.fnmatch_lines(["nsbox: rootfs *alpine-minirootfs-3.20.3*, cache *",
+    result.stdout.fnmatch_lines(["nsbox: rootfs *alpine-minirootfs-3.20.3-x86_64.tar.gz sha256:d4e6fd67dcf7 (local file); cache *",
                                  "nsbox: namespaces user,mnt,pid,ipc,uts,cgroup,net: available"])
 
 
@@ -133,18 +133,22 @@ def test_rootfs_from_cli_ini_and_env_precedence(pytester, alpine_tarball, monkey
     pytester.makeini(f"[pytest]\nnsbox_rootfs = {alpine_tarball}\n")
     pytester.runpytest_subprocess().assert_outcomes(passed=1)
     result = pytester.runpytest_subprocess("--nsbox-rootfs=/does/not/exist")
-    result.assert_outcomes(errors=1)
-    result.stdout.fnmatch_lines(["*rootfs '/does/not/exist' is neither a directory nor a tarball*"])
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*bad rootfs '/does/not/exist': it is neither a directory nor a tarball*"
+                                 "the forms are: alpine, alpine:X.Y, *host*"])
     monkeypatch.setenv("NSBOX_ROOTFS", "/from/env")
-    pytester.runpytest_subprocess().stdout.fnmatch_lines(["*'/from/env'*"])
+    pytester.runpytest_subprocess().stderr.fnmatch_lines(["*bad rootfs '/from/env'*"])
 
 
-def test_missing_rootfs_says_how_to_set_it(pytester, monkeypatch):
+def test_default_rootfs_is_alpine_and_an_offline_miss_says_how_to_fill_the_cache(pytester, monkeypatch):
     monkeypatch.delenv("NSBOX_ROOTFS")
+    monkeypatch.setenv("NSBOX_CACHE_DIR", str(pytester.path / "empty-cache"))
     pytester.makepyfile("def test_x(sandbox):\n    pass\n")
-    result = pytester.runpytest_subprocess()
+    result = pytester.runpytest_subprocess("--nsbox-offline")
     result.assert_outcomes(errors=1)
-    result.stdout.fnmatch_lines(["*no rootfs configured: pass --nsbox-rootfs=PATH*"])
+    result.stdout.fnmatch_lines(["nsbox: rootfs alpine (not cached yet: fetched on first use); cache *; offline",
+                                 "*rootfs alpine is not in the cache * and cannot be fetched (--nsbox-offline is set)."
+                                 " Fill the cache where there is network with `nsbox rootfs pull alpine --cache-dir *`*"])
 
 
 def test_bad_unavailable_option_is_a_usage_error(pytester):

@@ -9,7 +9,8 @@ import tarfile
 import pytest
 
 from pytest_nsbox import Sandbox, UnsafeArchiveError
-from pytest_nsbox.rootfs import extract, resolve
+from pytest_nsbox.archive import extract
+from pytest_nsbox.rootfs import resolve
 
 
 def test_tarball_is_extracted_once_and_reused(alpine_tarball, tmp_path):
@@ -18,10 +19,11 @@ def test_tarball_is_extracted_once_and_reused(alpine_tarball, tmp_path):
     assert os.readlink(first.tree / "bin/sh") == "/bin/busybox"  # absolute links kept
     stamp = first.tree.stat().st_mtime_ns
     from pytest_nsbox import rootfs
-    rootfs._resolved.clear()
+    rootfs._default_stores.clear()
     again = resolve(alpine_tarball, tmp_path)
     assert again.tree == first.tree and again.tree.stat().st_mtime_ns == stamp
-    assert [p.name for p in (tmp_path / "trees").iterdir() if not p.name.endswith(".lock")] == [first.tree.name]
+    assert sorted(p.name for p in (tmp_path / "trees").iterdir() if not p.name.endswith(".lock")) == \
+        [first.tree.name, first.tree.name + ".json"]
 
 
 def test_directory_rootfs(alpine_tarball, tmp_path):
@@ -38,7 +40,7 @@ def test_stale_half_extracted_entry_is_rebuilt(alpine_tarball, tmp_path):
     stale = tmp_path / "trees" / f"sha256-{digest}.tmp-99999"
     (stale / "bin").mkdir(parents=True)
     (stale / "bin" / "half").write_text("")
-    rootfs._resolved.clear()
+    rootfs._default_stores.clear()
     result = resolve(alpine_tarball, tmp_path)
     assert not stale.exists()
     assert (result.tree / "bin/busybox").is_file()

@@ -1,0 +1,58 @@
+"""Rootfs spec parsing and machine architectures."""
+
+from __future__ import annotations
+
+import pytest
+
+from pytest_nsbox import ConfigError
+from pytest_nsbox.alpine import latest_minirootfs, machine_arch, parse_checksum_file, tarball_url
+from pytest_nsbox.specs import AlpineSpec, HostSpec, PathSpec, UrlSpec, parse
+
+DIGEST = "a" * 64
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("alpine", AlpineSpec()),
+    ("alpine:3.20", AlpineSpec(branch="3.20")),
+    ("alpine:3.20.3", AlpineSpec(branch="3.20", version="3.20.3")),
+    (f"alpine:3.20.3@sha256:{DIGEST}", AlpineSpec(branch="3.20", version="3.20.3", digest=DIGEST)),
+    (f"https://example.org/x.tar.gz#sha256={DIGEST}", UrlSpec("https://example.org/x.tar.gz", DIGEST)),
+    ("host", HostSpec()),
+])
+def test_forms(text, expected):
+    assert parse(text) == expected
+    assert str(parse(text)) == text
+
+
+def test_local_paths(tmp_path):
+    archive = tmp_path / "root.tar.gz"
+    archive.write_bytes(b"")
+    assert parse(str(tmp_path)) == PathSpec(tmp_path, is_dir=True)
+    assert parse(archive) == PathSpec(archive, is_dir=False)
+
+
+@pytest.mark.parametrize("text", ["", "alpine:edge", "alpine:3", f"alpine@sha256:{DIGEST}",
+                                  f"alpine:3.20@sha256:{DIGEST}", "alpine:3.20.3@sha256:abc",
+                                  "https://example.org/x.tar.gz", "ftp://x/y.tar#sha256=" + DIGEST,
+                                  "/no/such/dir", "/no/such/file.tar.gz"])
+def test_bad_specs_list_the_forms(text):
+    with pytest.raises(ConfigError, match="the forms are: alpine, alpine:X.Y, alpine:X.Y.Z, "):
+        parse(text)
+
+
+@pytest.mark.parametrize("machine, arch", [("x86_64", "x86_64"), ("aarch64", "aarch64"), ("armv7l", "armv7"),
+                                           ("armv6l", "armhf"), ("i686", "x86"), ("ppc64le", "ppc64le"),
+                                           ("s390x", "s390x"), ("riscv64", "riscv64"),
+                                           ("loongarch64", "loongarch64")])
+def test_architectures(machine, arch):
+    assert machine_arch(machine) == arch
+
+
+def test_mirror_layout_and_files():
+    assert tarball_url("https://m/alpine", "3.20.3", "x86_64") == \
+        "https://m/alpine/v3.20/releases/x86_64/alpine-minirootfs-3.20.3-x86_64.tar.gz"
+    yaml = ("---\n-\n  title: \"Standard\"\n  flavor: alpine-standard\n  version: 3.20.3\n"
+            "-\n  flavor: alpine-minirootfs\n  arch: x86_64\n  version: 3.20.3\n  sha256: abc\n")
+    release = latest_minirootfs(yaml, "x86_64")
+    assert (release.version, release.sha256) == ("3.20.3", "abc")
+    assert parse_checksum_file(f"{DIGEST}  f.tar.gz\n", "f.tar.gz") == DIGEST
