@@ -11,6 +11,7 @@ import sys
 import tarfile
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -227,12 +228,14 @@ def test_host_spec_is_read_only_with_private_tmp(tmp_path):
     marker = tmp_path / "host-tmp-file"
     marker.write_text("x")
     with Sandbox(rootfs="host") as box:
-        assert box.run(["test", "-x", sys.executable]).returncode == 0  # the host's own tree
+        # The host's own tree (not Alpine's).
+        assert box.read_file("/etc/os-release") == Path("/etc/os-release").read_text()
         assert box.run(["sh", "-c", "echo x > /usr/nsbox-probe"]).returncode != 0
-        assert box.run(["test", "-e", str(marker)]).returncode != 0 or not str(marker).startswith("/tmp")
+        if str(marker).startswith("/tmp/"):
+            assert box.run(["test", "-e", str(marker)]).returncode != 0
         assert box.run(["sh", "-c", "echo ok > /tmp/inside && cat /tmp/inside"]).stdout == "ok\n"
         assert box.run(["hostname"]).stdout == "nsbox\n"
-    assert not os.path.exists("/tmp/inside") or open("/tmp/inside").read() != "ok\n"
+    assert not os.path.exists("/tmp/inside")
     assert not os.path.exists("/usr/nsbox-probe")
 
 
