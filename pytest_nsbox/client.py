@@ -12,9 +12,11 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 from . import protocol
+from .caps import CapPlan
 from .errors import SandboxSetupError, SandboxUnavailable
 
 _Popen = subprocess.Popen
@@ -80,25 +82,35 @@ class Spawner:
             raise SandboxSetupError(reply["message"])
         return reply, fds
 
-    def create(self, spec: dict[str, Any]) -> socket.socket:
+    def create(self, spec: dict[str, Any]) -> tuple[socket.socket, dict[str, Any]]:
+        """A new sandbox's socket, and what the spawner says of it (caps, cgroup)."""
         reply, fds = self.request({"op": "create", "spec": spec})
         if len(fds) != 1:
             raise SandboxSetupError(f"the spawner answered {reply!r} without a sandbox socket")
-        return socket.socket(fileno=fds[0])
+        return socket.socket(fileno=fds[0]), reply
 
-    def probe(self, network: str = "none") -> tuple[bool, str]:
+    def probe(self, network: str = "none") -> Probe:
         reply, _ = self.request({"op": "probe", "network": network})
-        return bool(reply["ok"]), reply.get("error", "")
+        return Probe(bool(reply["ok"]), reply.get("error", ""), CapPlan.from_json(reply["caps"]))
 
 
-_probe_cache: dict[str, tuple[bool, str]] = {}
+@dataclass(frozen=True)
+class Probe:
+    """Can this machine make sandboxes, and how are they capped?"""
+
+    ok: bool
+    error: str
+    caps: CapPlan | None = None
 
 
-def probe(network: str = "none") -> tuple[bool, str]:
-    """Whether sandboxes can be made here, and if not, why (cached for the process)."""
+_probe_cache: dict[str, Probe] = {}
+
+
+def probe(network: str = "none") -> Probe:
+    """Whether sandboxes can be made here, why not, and the cap mechanism (cached per process)."""
     if network not in _probe_cache:
         try:
             _probe_cache[network] = Spawner.get().probe(network)
         except SandboxUnavailable as exc:
-            _probe_cache[network] = (False, str(exc))
+            _probe_cache[network] = Probe(False, str(exc))
     return _probe_cache[network]

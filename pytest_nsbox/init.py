@@ -47,7 +47,8 @@ class Init:
         # sandbox's root cannot unmount them or remount a read-only bind writable.
         kernel.unshare(kernel.CLONE_NEWUSER | kernel.CLONE_NEWNS)
         kernel.write_id_maps(0, 0)
-        if spec.get("pids_max"):
+        if spec.get("pids_max") and spec.get("mechanism") == "rlimit":
+            # Counted per user namespace (Linux >= 5.14): this caps the sandbox, not the user.
             resource.setrlimit(resource.RLIMIT_NPROC, (spec["pids_max"], spec["pids_max"]))
         # Nobody inside may open /proc/1/exe (the host's Python) or ptrace us: runc CVE-2019-5736.
         kernel.set_dumpable(False)
@@ -114,10 +115,23 @@ class Init:
     def signal(self, pid: int, signum: int, session: bool) -> None:
         if pid not in self.commands:
             return
-        if session:
-            for member in _session_members(pid):
-                _kill(member, signum)
         _kill(pid, signum)
+        if not session:
+            return
+        # A fork bomb refills its session while we kill it: repeat until it is empty, and if it
+        # is not within half a second, kill everything in the sandbox but us.
+        deadline = time.monotonic() + 0.5
+        while True:
+            members = _session_members(pid)
+            if not members:
+                return
+            for member in members:
+                _kill(member, signum)
+            if signum != signal.SIGKILL:
+                return
+            if time.monotonic() > deadline:
+                _kill(-1, signal.SIGKILL)
+                return
 
     # -- commands ---------------------------------------------------------------------------
     def start(self, message: dict[str, Any], fds: list[int]) -> None:
@@ -131,6 +145,9 @@ class Init:
         pid = os.fork()
         if pid == 0:
             os.close(err_r)
+            if self.spec.get("memory_max") and self.spec.get("memory_mechanism") == "rlimit":
+                limit = self.spec["memory_max"]
+                resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
             _exec_child(message, stdio, err_w)
         os.close(err_w)
         with os.fdopen(err_r, "rb") as f:
@@ -186,7 +203,8 @@ def _session_members(sid: int) -> list[int]:
                 fields = f.read().rsplit(b")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[3]) == sid:  # fields after "comm)": state ppid pgrp session
+        # Fields after "comm)": state ppid pgrp session.  Zombies are dead already.
+        if int(fields[3]) == sid and fields[0] != b"Z":
             members.append(int(name))
     return members
 

@@ -35,6 +35,10 @@ class RunOptions:
     unavailable: str
     mirror: str | None
     offline: bool
+    pids_max: int | None
+    memory_max: str | None
+    timeout: float | None
+    require_caps: bool
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> RunOptions:
@@ -42,17 +46,24 @@ class RunOptions:
         if unavailable not in UNAVAILABLE_CHOICES:
             raise pytest.UsageError(f"--nsbox-unavailable must be one of {', '.join(UNAVAILABLE_CHOICES)}, "
                                     f"not {unavailable!r}")
-        offline = config.getoption("nsbox_offline") or \
-            (os.environ.get("NSBOX_OFFLINE") or config.getini("nsbox_offline") or "").lower() in ("1", "true", "yes", "on")
+        offline = _flag(config, "nsbox_offline", "NSBOX_OFFLINE")
         return cls(rootfs=_option(config, "nsbox_rootfs", "NSBOX_ROOTFS", path=True) or "alpine",
                    cache_dir=_option(config, "nsbox_cache_dir", "NSBOX_CACHE_DIR", path=True)
                    or str(default_cache_dir()),
                    unavailable=unavailable,
                    mirror=_option(config, "nsbox_alpine_mirror", "NSBOX_ALPINE_MIRROR"),
-                   offline=offline)
+                   offline=offline,
+                   pids_max=_pids_max(_option(config, "nsbox_pids_max", "NSBOX_PIDS_MAX")),
+                   memory_max=_option(config, "nsbox_memory_max", "NSBOX_MEMORY_MAX"),
+                   timeout=_number("--nsbox-timeout", _option(config, "nsbox_timeout", "NSBOX_TIMEOUT")),
+                   require_caps=_flag(config, "nsbox_require_caps", "NSBOX_REQUIRE_CAPS"))
 
     def defaults(self) -> SandboxSettings:
-        return SandboxSettings(rootfs=self.rootfs, cache_dir=self.cache_dir)
+        try:
+            return SandboxSettings(rootfs=self.rootfs, cache_dir=self.cache_dir, pids_max=self.pids_max,
+                                   memory_max=self.memory_max, timeout=self.timeout)
+        except NsboxError as exc:
+            raise pytest.UsageError(f"nsbox run-wide settings: {exc}") from None
 
 
 def _option(config: pytest.Config, name: str, env: str, path: bool = False) -> str | None:
@@ -66,6 +77,36 @@ def _option(config: pytest.Config, name: str, env: str, path: bool = False) -> s
                 and not os.path.isabs(value):
             value = os.path.normpath(config.inipath.parent / value)
     return value
+
+
+def _flag(config: pytest.Config, name: str, env: str) -> bool:
+    if config.getoption(name):
+        return True
+    value = os.environ.get(env) or config.getini(name) or ""
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def _pids_max(value: str | None) -> int | None:
+    from .settings import DEFAULT_PIDS_MAX
+    if value is None:
+        return DEFAULT_PIDS_MAX
+    if value.strip().lower() in ("0", "none", "off"):
+        return None
+    if not value.strip().isdigit():
+        raise pytest.UsageError(f"--nsbox-pids-max takes a positive number or 'none', not {value!r}")
+    return int(value)
+
+
+def _number(option: str, value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not number > 0:
+        raise pytest.UsageError(f"{option} takes a positive number of seconds, not {value!r}")
+    return number
 
 
 _OPTIONS = pytest.StashKey[RunOptions]()
@@ -87,6 +128,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--nsbox-cache-dir", dest="nsbox_cache_dir", metavar="DIR", default=None,
                     help="where extracted root filesystems are kept (env NSBOX_CACHE_DIR, ini "
                          "nsbox_cache_dir; default $XDG_CACHE_HOME/pytest-nsbox)")
+    group.addoption("--nsbox-pids-max", dest="nsbox_pids_max", metavar="N", default=None,
+                    help="default cap on a sandbox's processes, or 'none' (ini nsbox_pids_max; "
+                         "default 512)")
+    group.addoption("--nsbox-memory-max", dest="nsbox_memory_max", metavar="SIZE", default=None,
+                    help="default memory cap of a sandbox, e.g. 256M (ini nsbox_memory_max)")
+    group.addoption("--nsbox-timeout", dest="nsbox_timeout", metavar="SECONDS", default=None,
+                    help="default lifetime of a sandbox (ini nsbox_timeout)")
+    group.addoption("--nsbox-require-caps", dest="nsbox_require_caps", action="store_true", default=None,
+                    help="fail sandboxed tests where PIDs cannot be capped (ini nsbox_require_caps)")
     group.addoption("--nsbox-unavailable", dest="nsbox_unavailable", choices=UNAVAILABLE_CHOICES,
                     default=None, help="what sandboxed tests do where this kernel cannot make "
                                        "sandboxes: fail (default) or skip (ini nsbox_unavailable)")
@@ -94,6 +144,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("nsbox_alpine_mirror", "Alpine mirror to download from", default=None)
     parser.addini("nsbox_offline", "never download: use the rootfs cache only (true/false)", default=None)
     parser.addini("nsbox_cache_dir", "where extracted root filesystems are kept", default=None)
+    parser.addini("nsbox_pids_max", "default cap on a sandbox's processes, or 'none'", default=None)
+    parser.addini("nsbox_memory_max", "default memory cap of a sandbox, e.g. 256M", default=None)
+    parser.addini("nsbox_timeout", "default lifetime of a sandbox in seconds", default=None)
+    parser.addini("nsbox_require_caps", "fail sandboxed tests where PIDs cannot be capped (true/false)",
+                  default=None)
     parser.addini("nsbox_unavailable", "fail or skip sandboxed tests where sandboxes cannot be made",
                   default=None)
 
@@ -108,16 +163,23 @@ def pytest_configure(config: pytest.Config) -> None:
     except NsboxError as exc:
         raise pytest.UsageError(f"--nsbox-rootfs: {exc}") from None
     config.stash[_STORE] = store
+    options.defaults()  # a bad run-wide setting is a usage error now, not in every test
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     options, store = config.stash[_OPTIONS], config.stash[_STORE]
     cached = store.cached(options.rootfs)
     rootfs = cached.describe() if cached else f"{options.rootfs} (not cached yet: fetched on first use)"
-    ok, why = client.probe("none")
-    state = "available" if ok else f"UNAVAILABLE: {why}"
-    return [f"nsbox: rootfs {rootfs}; cache {options.cache_dir}" + ("; offline" if options.offline else ""),
-            f"nsbox: namespaces user,mnt,pid,ipc,uts,cgroup,net: {state}"]
+    probe = client.probe("none")
+    state = "available" if probe.ok else f"UNAVAILABLE: {probe.error}"
+    lines = [f"nsbox: rootfs {rootfs}; cache {options.cache_dir}" + ("; offline" if options.offline else ""),
+             f"nsbox: namespaces user,mnt,pid,ipc,uts,cgroup,net: {state}"]
+    if probe.caps is not None:
+        defaults = options.defaults()
+        lines.append(f"nsbox: caps: {probe.caps.describe()}; default pids_max "
+                     f"{defaults.pids_max or 'none'}" + (f", memory_max {defaults.memory_max}" if defaults.memory_max else "")
+                     + (f", timeout {defaults.timeout:g} s" if defaults.timeout else ""))
+    return lines
 
 
 class _Progress:
@@ -166,9 +228,13 @@ def _describe(sandboxes: list[Sandbox]) -> str:
     for number, sb in enumerate(sandboxes, 1):
         rootfs = sb.rootfs.describe() if sb.rootfs else sb.settings.rootfs
         lines.append(f"sandbox {number}: rootfs {rootfs}, network {sb.settings.network}")
+        if sb.limits:
+            lines.append(f"  caps: {sb.limits.describe()}")
         for record in sb.history:
-            status = "timed out" if record.timed_out else f"exit {record.returncode}" \
-                if record.returncode is not None else "still running"
+            if record.exit is not None:
+                status = record.exit.describe()
+            else:
+                status = f"exit {record.returncode}" if record.returncode is not None else "still running"
             lines.append(f"  $ {_shell_form(record.args)}  -> {status} ({record.duration * 1000:.0f} ms)")
             for line in record.stderr_tail.splitlines():
                 lines.append(f"    stderr| {line}")
@@ -209,9 +275,12 @@ class SandboxFactory:
     def _make(self, settings: dict[str, Any]) -> Sandbox:
         resolved = SandboxSettings.from_kwargs(settings, defaults=self._options.defaults(),
                                                source=self._item.nodeid)
-        ok, why = client.probe(resolved.network)
-        if not ok:
-            raise SandboxUnavailable(f"this machine cannot make sandboxes: {why}")
+        probe = client.probe(resolved.network)
+        if not probe.ok:
+            raise SandboxUnavailable(f"this machine cannot make sandboxes: {probe.error}")
+        if self._options.require_caps and resolved.pids_max and probe.caps and probe.caps.mechanism == "none":
+            raise SandboxUnavailable(f"--nsbox-require-caps: {probe.caps.describe()}; run as a normal "
+                                     "user (RLIMIT_NPROC) or give pytest a writable cgroup")
         if not isinstance(resolved.rootfs, Rootfs):
             resolved = replace(resolved, rootfs=self._store.resolve(resolved.rootfs))
         sandbox = Sandbox.from_settings(resolved)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import selectors
 import socket
 import subprocess
@@ -14,11 +15,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, Union
 
-from . import protocol
+from . import caps, protocol
 from .client import Spawner
 from .errors import ConfigError, SandboxClosed, SandboxSetupError, SandboxUnavailable
 from .rootfs import Rootfs, resolve
-from .settings import BASE_ENV, Mount, SandboxSettings
+from .settings import BASE_ENV, DEFAULT_PIDS_MAX, Mount, SandboxSettings
 
 PIPE = subprocess.PIPE
 DEVNULL = subprocess.DEVNULL
@@ -26,6 +27,7 @@ STDOUT = subprocess.STDOUT
 
 Command = Union[str, Sequence[str]]
 _CLOSE_TIMEOUT = 10.0
+_OUT_OF_MEMORY = re.compile(r"out of memory|cannot allocate memory|MemoryError|std::bad_alloc", re.I)
 _READ_CHUNK = 1 << 16
 
 
@@ -38,6 +40,52 @@ class CommandRecord:
     stderr_tail: str = ""
     timed_out: bool = False
     duration: float = 0.0
+    exit: ExitInfo | None = None
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The caps a sandbox runs under, and the mechanism that enforces each."""
+
+    pids_max: int | None
+    pids_mechanism: str      # cgroup2 | cgroup1 | rlimit | none
+    memory_max: int | None
+    memory_mechanism: str | None
+    cgroup: dict[str, str] | None = None
+
+    def describe(self) -> str:
+        pids = f"pids_max {self.pids_max} by {self.pids_mechanism}" if self.pids_max else "PIDs uncapped"
+        if self.pids_max and self.pids_mechanism == "none":
+            pids = f"pids_max {self.pids_max} NOT enforced (no mechanism here)"
+        memory = f"memory_max {self.memory_max // (1 << 20)} MB by {self.memory_mechanism}" \
+            if self.memory_max else "memory uncapped"
+        return f"{pids}; {memory}"
+
+
+@dataclass(frozen=True)
+class ExitInfo:
+    """Why a command ended, as data rather than an ambiguous 128+N."""
+
+    returncode: int | None
+    reason: str | None = None     # timeout | sandbox-timeout | oom | memory | pids | signal | None
+    pids_cap_hit: bool = False
+    oom_killed: bool = False
+    peak_pids: int | None = None
+    peak_memory: int | None = None
+
+    def describe(self) -> str:
+        notes = {
+            "timeout": "killed: the run's timeout expired",
+            "sandbox-timeout": "killed: the sandbox's lifetime expired",
+            "oom": "killed by the kernel: out of memory at the sandbox's memory_max",
+            "memory": f"exit {self.returncode}: an allocation failed at the sandbox's memory_max (RLIMIT_AS)",
+            "pids": "failed after hitting the sandbox's pids_max (fork refused)",
+            "signal": f"killed by signal {-(self.returncode or 0)}",
+        }
+        text = notes.get(self.reason or "", f"exit {self.returncode}")
+        if self.pids_cap_hit and self.reason != "pids":
+            text += "; hit pids_max"
+        return text
 
 
 @dataclass
@@ -143,14 +191,19 @@ class Sandbox:
                  cache_dir: str | os.PathLike[str] | None = None, network: str = "none",
                  hostname: str = "nsbox", env: Mapping[str, str] | None = None,
                  mounts: Sequence[Mount | tuple[Any, ...]] = (), cwd: str = "/",
-                 pids_max: int | None = None, timeout: float | None = None):
+                 pids_max: int | None = DEFAULT_PIDS_MAX, memory_max: int | str | None = None,
+                 timeout: float | None = None):
         self.settings = SandboxSettings(rootfs=rootfs, cache_dir=cache_dir, network=network,  # type: ignore[arg-type]
                                         hostname=hostname, env=env or {}, mounts=tuple(mounts),
-                                        cwd=cwd, pids_max=pids_max, timeout=timeout)
+                                        cwd=cwd, pids_max=pids_max, memory_max=memory_max,
+                                        timeout=timeout)
         self.history: list[CommandRecord] = []
         self.rootfs: Rootfs | None = None
         self.init_pid: int | None = None
         self.namespaces: dict[str, str] = {}
+        self.limits: Limits | None = None
+        self.last_exit: ExitInfo | None = None
+        self._cgroup: caps.SandboxCgroup | None = None
         self._channel: _Channel | None = None
         self._processes: list[SandboxProcess] = []
         self._deadline: float | None = None
@@ -183,9 +236,16 @@ class Sandbox:
             "hostname": self.settings.hostname,
             "mounts": [[str(m.source), m.target, m.rw] for m in self.settings.mounts],
             "pids_max": self.settings.pids_max,
+            "memory_max": self.settings.memory_max,
             "timeout": self.settings.timeout,
         }
-        sock = Spawner.get().create(spec)
+        sock, info = Spawner.get().create(spec)
+        plan = caps.CapPlan.from_json(info["caps"])
+        if info.get("cgroup"):
+            self._cgroup = caps.SandboxCgroup(info["cgroup_version"], info["cgroup"])
+        self.limits = Limits(self.settings.pids_max, plan.mechanism, self.settings.memory_max,
+                             plan.memory_mechanism if self.settings.memory_max else None,
+                             info.get("cgroup"))
         channel = _Channel(sock)
         # If the owner forgets close(), dropping the last reference still ends the sandbox.
         self._finalizer = weakref.finalize(self, sock.close)
@@ -230,6 +290,9 @@ class Sandbox:
         channel.wait_for(lambda: channel.eof, _CLOSE_TIMEOUT)
         if self._finalizer is not None:
             self._finalizer()
+        if self._cgroup is not None:
+            # Empty now; the spawner would remove it too, but close() promises it is gone.
+            caps.destroy_dirs(list(self._cgroup.dirs.values()), self._cgroup.version)
 
     @property
     def closed(self) -> bool:
@@ -288,20 +351,50 @@ class Sandbox:
         A `str` runs through `/bin/sh -c`.  On timeout every process the command started is killed
         and `subprocess.TimeoutExpired` raised; `check=True` raises `CalledProcessError`.
         """
+        before = self._cgroup.stats() if self._cgroup else {}
         process = self.spawn(args, stdin=PIPE if input is not None else None, stdout=PIPE,
                              stderr=PIPE, env=env, cwd=cwd, text=text)
+        effective = self._effective_timeout(timeout)
         try:
-            stdout, stderr = process.communicate(input, timeout=self._effective_timeout(timeout))
+            stdout, stderr = process.communicate(input, timeout=effective)
         except subprocess.TimeoutExpired:
             process._finish_after_timeout()
+            sandbox_limit = timeout is None or (effective is not None and effective < timeout)
+            self._note_exit(process, before, "sandbox-timeout" if sandbox_limit else "timeout")
             raise
         finally:
             self._processes.remove(process)
             process._close_pipes()
+        self._note_exit(process, before, None, process._record.stderr_tail)
         result = subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
         if check:
             result.check_returncode()
         return result
+
+    def _note_exit(self, process: SandboxProcess, before: dict[str, int], reason: str | None,
+                   stderr_tail: str = "") -> None:
+        after = self._cgroup.stats() if self._cgroup else {}
+        code = process.returncode
+        pids_hit = after.get("pids_max_hits", 0) > before.get("pids_max_hits", 0)
+        oom = after.get("oom_kills", 0) > before.get("oom_kills", 0)
+        if reason is None and self._channel is not None and self._channel.expired:
+            reason = "sandbox-timeout"
+        if reason is None:
+            if oom and code == -9:
+                reason = "oom"
+            elif code is not None and code < 0:
+                reason = "signal"
+            elif pids_hit and code:
+                reason = "pids"
+            elif code and self.limits and self.limits.memory_mechanism == "rlimit" and \
+                    _OUT_OF_MEMORY.search(stderr_tail):
+                reason = "memory"  # RLIMIT_AS makes allocations fail; nothing is killed
+        info = ExitInfo(code, reason, pids_hit, oom, after.get("pids_peak"), after.get("memory_peak"))
+        process._record.exit = self.last_exit = info
+
+    def stats(self) -> dict[str, int]:
+        """The sandbox's cgroup counters (pids_current, pids_max_hits, oom_kills, peaks), if any."""
+        return self._cgroup.stats() if self._cgroup else {}
 
     def _effective_timeout(self, timeout: float | None) -> float | None:
         if self._deadline is None:
@@ -333,7 +426,8 @@ class Sandbox:
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"init pid {self.init_pid}"
-        return f"<Sandbox rootfs={self.settings.rootfs!r} network={self.settings.network} {state}>"
+        rootfs = self.rootfs.describe() if self.rootfs else repr(self.settings.rootfs)
+        return f"<Sandbox rootfs={rootfs} network={self.settings.network} {state}>"
 
 
 class SandboxProcess:

@@ -16,7 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
+from .caps import parse_size
 from .errors import ConfigError
+
+#: PIDs are capped unless a caller says otherwise: a fork bomb must never reach the host.
+DEFAULT_PIDS_MAX = 512
 
 NETWORK_MODES = ("none", "host")
 _HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
@@ -77,7 +81,8 @@ class SandboxSettings:
     env: Mapping[str, str] = field(default_factory=dict)
     mounts: tuple[Mount, ...] = ()
     cwd: str = "/"
-    pids_max: int | None = None
+    pids_max: int | None = DEFAULT_PIDS_MAX
+    memory_max: Union[int, str, None] = None
     timeout: float | None = None
 
     def __post_init__(self) -> None:
@@ -97,7 +102,11 @@ class SandboxSettings:
             raise ConfigError(_bad("cwd", self.cwd, "an absolute path inside the sandbox"))
         if self.pids_max is not None and (isinstance(self.pids_max, bool) or not isinstance(self.pids_max, int)
                                           or self.pids_max < 1):
-            raise ConfigError(_bad("pids_max", self.pids_max, "a positive int or None"))
+            raise ConfigError(_bad("pids_max", self.pids_max, "a positive int, or None for no cap"))
+        try:
+            object.__setattr__(self, "memory_max", parse_size(self.memory_max))
+        except ValueError as exc:
+            raise ConfigError(_bad("memory_max", self.memory_max, f"bytes or a size such as '256M' ({exc})")) from None
         if self.timeout is not None and (isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float))
                                          or not self.timeout > 0 or math.isinf(self.timeout)):
             raise ConfigError(_bad("timeout", self.timeout, "a positive number of seconds or None"))

@@ -27,7 +27,7 @@ import socket
 import sys
 from typing import Any
 
-from . import init, kernel, protocol
+from . import caps, init, kernel, protocol
 
 SANDBOX_FLAGS = (kernel.CLONE_NEWUSER | kernel.CLONE_NEWNS | kernel.CLONE_NEWPID | kernel.CLONE_NEWIPC
                  | kernel.CLONE_NEWUTS | kernel.CLONE_NEWCGROUP)
@@ -42,6 +42,9 @@ class Spawner:
         self.control = control
         self.pid = os.getpid()
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.plan = caps.detect()
+        caps.sweep_stale(self.plan)
+        self.cgroups: dict[int, caps.SandboxCgroup] = {}  # monitor pid -> its sandbox's cgroup
 
     def serve(self) -> None:
         signal.set_wakeup_fd(self.wake_w)
@@ -54,7 +57,8 @@ class Spawner:
             if self.control in ready:
                 message, fds = protocol.receive(self.control, socket.MSG_DONTWAIT)
                 if message is None:
-                    return  # the owner is gone; every monitor dies with us (PDEATHSIG)
+                    self.shutdown()
+                    return
                 for fd in fds:
                     os.close(fd)
                 self.handle(message)
@@ -64,11 +68,24 @@ class Spawner:
         if op == "create":
             self.create(message["spec"])
         elif op == "probe":
-            protocol.send(self.control, {"op": "probed", **probe(message.get("network", "none"))})
+            protocol.send(self.control, {"op": "probed", "caps": self.plan.to_json(),
+                                         **probe(message.get("network", "none"))})
         else:
             protocol.send(self.control, {"op": "error", "message": f"unknown request {op!r}"})
 
     def create(self, spec: dict[str, Any]) -> None:
+        # The cgroup exists before the monitor does, so whatever happens next, reaping the monitor
+        # (or, if we are SIGKILLed, the next session's sweep) removes it.
+        try:
+            cgroup = caps.SandboxCgroup.create(self.plan, self.pid, spec.get("pids_max"),
+                                               spec.get("memory_max"))
+        except OSError as exc:
+            protocol.send(self.control, {"op": "error", "message": kernel.describe(
+                exc.errno or 0, "create the sandbox's cgroup", exc.filename)})
+            return
+        spec = {**spec, "mechanism": self.plan.mechanism,
+                "memory_mechanism": self.plan.memory_mechanism,
+                "cgroup": cgroup.dirs if cgroup else None}
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pid = os.fork()
         if pid == 0:
@@ -76,7 +93,12 @@ class Spawner:
             self._become_child()
             monitor(theirs, spec, self.pid)
         theirs.close()
-        protocol.send(self.control, {"op": "created", "monitor": pid}, [ours.fileno()])
+        if cgroup:
+            self.cgroups[pid] = cgroup
+        protocol.send(self.control, {"op": "created", "monitor": pid, "caps": self.plan.to_json(),
+                                     "cgroup": cgroup.dirs if cgroup else None,
+                                     "cgroup_version": cgroup.version if cgroup else None},
+                      [ours.fileno()])
         ours.close()
 
     def _become_child(self) -> None:
@@ -86,6 +108,28 @@ class Spawner:
         os.close(self.wake_r)
         os.close(self.wake_w)
 
+    def shutdown(self) -> None:
+        """The owner is gone: end every sandbox and remove every cgroup we made, then leave.
+
+        Monitors would die with us anyway (PDEATHSIG), but their cgroups would stay behind.
+        """
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for pid in self.cgroups:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for pid, cgroup in self.cgroups.items():
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+            try:
+                cgroup.destroy()
+            except OSError:
+                pass
+        caps.remove_parents(self.plan)
+
     def reap(self) -> None:
         while True:
             try:
@@ -94,6 +138,12 @@ class Spawner:
                 return
             if pid == 0:
                 return
+            cgroup = self.cgroups.pop(pid, None)
+            if cgroup:
+                try:
+                    cgroup.destroy()
+                except OSError:
+                    pass  # the next session's sweep retries
 
 
 def monitor(sock: socket.socket, spec: dict[str, Any], spawner_pid: int) -> None:
@@ -103,6 +153,10 @@ def monitor(sock: socket.socket, spec: dict[str, Any], spawner_pid: int) -> None
         if os.getppid() != spawner_pid:
             os._exit(1)  # the spawner died before the death signal was armed
         kernel.set_process_name("nsbox-monitor")
+        if spec.get("cgroup"):
+            # Before unshare: inside the new user namespace we could no longer write the host's
+            # cgroup files.  Everything the sandbox forks from here on is counted.
+            caps.SandboxCgroup(0, spec["cgroup"]).join()
         uid, gid = os.getuid(), os.getgid()
         kernel.unshare(namespace_flags(spec["network"]))
         kernel.write_id_maps(uid, gid)

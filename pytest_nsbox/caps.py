@@ -1,0 +1,358 @@
+"""Resource caps: how a sandbox's PIDs and memory are capped, chosen once per spawner.
+
+Mechanisms, best first:
+
+``cgroup2``   a cgroup v2 parent we may write: `<cgroup2 mount>/nsbox` as root, or the delegated
+              directory named by NSBOX_CGROUP_PARENT (e.g. inside a systemd scope with
+              Delegate=yes).  One child cgroup per sandbox; `cgroup.kill` ends it at once.
+``cgroup1``   the v1 `pids` (and `memory`) hierarchies where writable (root on hybrid hosts).
+``rlimit``    RLIMIT_NPROC inside the sandbox's own user namespace, counted per user namespace since
+              Linux 5.14; RLIMIT_AS caps memory per process.  The kernel exempts host root from
+              RLIMIT_NPROC, so this is no cap when the owner is root.
+``none``      PIDs are not capped; the header says so and --nsbox-require-caps makes it an error.
+
+Per-sandbox cgroups are named `nsbox-<spawner pid>-<random>`: random because PIDs get reused, and
+carrying the spawner's PID so that the next session can sweep the cgroups of a spawner that was
+SIGKILLed before it could remove them.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import secrets
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PARENT_NAME = "nsbox"
+_NAME = re.compile(r"^nsbox-(\d+)-[0-9a-f]+$")
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(value: int | str | None) -> int | None:
+    """Bytes from an int or a string such as '256M', '1G', '512k', '1048576'; None stays None."""
+    if value is None or isinstance(value, bool):
+        return None if value is None else _bad_size(value)
+    if isinstance(value, int):
+        return value if value > 0 else _bad_size(value)
+    match = re.fullmatch(r"\s*(\d+)\s*([kmgtKMGT]?)i?[bB]?\s*", str(value))
+    if not match or int(match[1]) <= 0:
+        return _bad_size(value)
+    return int(match[1]) * _UNITS[match[2].lower()]
+
+
+def _bad_size(value: object) -> int:
+    raise ValueError(f"{value!r} is not a size: write bytes (an int) or a number with K, M, G or T")
+
+
+@dataclass(frozen=True)
+class CapPlan:
+    """The mechanism this spawner uses, and where its cgroups go."""
+
+    mechanism: str                       # cgroup2 | cgroup1 | rlimit | none
+    parents: dict[str, str] = field(default_factory=dict)   # controller -> parent cgroup dir
+    note: str = ""
+
+    @property
+    def memory_mechanism(self) -> str:
+        if "memory" in self.parents:
+            return self.mechanism
+        return "rlimit"  # RLIMIT_AS works for everyone
+
+    def describe(self) -> str:
+        if self.mechanism in ("cgroup2", "cgroup1"):
+            where = self.parents.get("pids", "")
+            text = f"PIDs capped by {self.mechanism} ({where})"
+        elif self.mechanism == "rlimit":
+            text = "PIDs capped by RLIMIT_NPROC in the sandbox's user namespace"
+        else:
+            text = "PIDs NOT capped"
+        memory = "cgroup" if self.memory_mechanism.startswith("cgroup") else "RLIMIT_AS per process"
+        text += f"; memory capped by {memory}"
+        return text + (f" ({self.note})" if self.note else "")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"mechanism": self.mechanism, "parents": self.parents, "note": self.note}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> CapPlan:
+        return cls(data["mechanism"], dict(data.get("parents", {})), data.get("note", ""))
+
+
+# -- choosing a mechanism ------------------------------------------------------------------------
+def detect(euid: int | None = None, mountinfo: str | None = None,
+           environ: dict[str, str] | None = None) -> CapPlan:
+    """Pick the best mechanism this process can use.  Arguments exist for tests on fake trees.
+
+    `euid` is the *host* uid: the kernel exempts the processes of host uid 0 from RLIMIT_NPROC,
+    whatever user namespace they are in.
+    """
+    euid = host_uid() if euid is None else euid
+    mountinfo = _read("/proc/self/mountinfo") if mountinfo is None else mountinfo
+    environ = dict(os.environ) if environ is None else environ
+    v2_root, v1_roots = cgroup_mounts(mountinfo)
+    reasons = []
+
+    delegated = environ.get("NSBOX_CGROUP_PARENT")
+    candidates = [Path(delegated)] if delegated else []
+    if euid == 0 and v2_root:
+        candidates.append(Path(v2_root) / PARENT_NAME)
+    for parent in candidates:
+        why = _prepare_v2_parent(parent)
+        if why is None:
+            return CapPlan("cgroup2", {"pids": str(parent), "memory": str(parent)}
+                           if "memory" in _enabled(parent) else {"pids": str(parent)})
+        reasons.append(why)
+
+    parents = {}
+    for controller in ("pids", "memory"):
+        root = v1_roots.get(controller)
+        if root and os.access(root, os.W_OK):
+            parent = Path(root) / PARENT_NAME
+            try:
+                parent.mkdir(exist_ok=True)
+                parents[controller] = str(parent)
+            except OSError as exc:
+                reasons.append(f"cannot create {parent}: {exc.strerror}")
+    if "pids" in parents:
+        return CapPlan("cgroup1", parents)
+    if euid != 0:
+        return CapPlan("rlimit", note="no writable cgroup")
+    reasons.append("no writable cgroup with the pids controller, and RLIMIT_NPROC does not bind root")
+    return CapPlan("none", note="; ".join(reasons))
+
+
+def host_uid(uid_map: str | None = None) -> int:
+    """Our effective uid as the parent user namespace sees it (one level, which is what we make)."""
+    euid = os.geteuid()
+    uid_map = _read("/proc/self/uid_map") if uid_map is None else uid_map
+    for line in uid_map.splitlines():
+        inside, outside, count = (int(x) for x in line.split())
+        if inside <= euid < inside + count:
+            return outside + euid - inside
+    return euid
+
+
+def cgroup_mounts(mountinfo: str) -> tuple[str | None, dict[str, str]]:
+    """The cgroup2 mount point and the v1 mount point of each controller, from mountinfo."""
+    v2_root = None
+    v1: dict[str, str] = {}
+    for line in mountinfo.splitlines():
+        left, _, right = line.partition(" - ")
+        fields, tail = left.split(), right.split()
+        if len(fields) < 5 or len(tail) < 3:
+            continue
+        mount_point, fstype, options = fields[4], tail[0], tail[2].split(",")
+        if fstype == "cgroup2" and v2_root is None:
+            v2_root = mount_point
+        elif fstype == "cgroup":
+            for controller in ("pids", "memory"):
+                if controller in options:
+                    v1.setdefault(controller, mount_point)
+    return v2_root, v1
+
+
+def _prepare_v2_parent(parent: Path) -> str | None:
+    """Make `parent` ready to hold per-sandbox cgroups; None if it is, else why not.
+
+    A new cgroup offers its children what its parent enabled in cgroup.subtree_control.
+    """
+    try:
+        if parent.exists():
+            available = _controllers(parent)
+        else:
+            grandparent = parent.parent
+            _enable(grandparent, ("pids", "memory"), _controllers(grandparent))
+            available = _enabled(grandparent)
+            if "pids" not in available:
+                return f"the pids controller is not available below {grandparent}"
+            parent.mkdir()
+        _enable(parent, ("pids", "memory"), available)
+        if "pids" not in _enabled(parent):
+            return f"cannot enable the pids controller below {parent}"
+    except OSError as exc:
+        return f"{parent}: {exc.strerror}"
+    return None
+
+
+def _controllers(path: Path) -> list[str]:
+    return _read(str(path / "cgroup.controllers")).split()
+
+
+def _enabled(path: Path) -> list[str]:
+    return [c.lstrip("+") for c in _read(str(path / "cgroup.subtree_control")).split()]
+
+
+def _enable(path: Path, wanted: tuple[str, ...], available: list[str]) -> None:
+    chosen = [f"+{c}" for c in wanted if c in available]
+    if chosen and not set(c[1:] for c in chosen) <= set(_enabled(path)):
+        try:
+            (path / "cgroup.subtree_control").write_text(" ".join(chosen))
+        except OSError:
+            pass  # judged by what _enabled() reads back
+
+
+# -- one sandbox's cgroup --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SandboxCgroup:
+    version: int
+    dirs: dict[str, str]  # controller -> cgroup dir (the same dir twice for v2)
+
+    @classmethod
+    def create(cls, plan: CapPlan, owner_pid: int, pids_max: int | None,
+               memory_max: int | None) -> SandboxCgroup | None:
+        if plan.mechanism not in ("cgroup1", "cgroup2"):
+            return None
+        name = f"nsbox-{owner_pid}-{secrets.token_hex(6)}"
+        dirs = {controller: str(Path(parent) / name) for controller, parent in plan.parents.items()}
+        group = cls(2 if plan.mechanism == "cgroup2" else 1, dirs)
+        for path in dict.fromkeys(dirs.values()):
+            try:
+                os.mkdir(path)
+            except FileNotFoundError:
+                # Another session's last spawner removed the shared parent just now: remake it.
+                if group.version == 2:
+                    _prepare_v2_parent(Path(path).parent)  # noqa: the mkdir below says if it failed
+                else:
+                    os.makedirs(Path(path).parent, exist_ok=True)
+                os.mkdir(path)
+        if pids_max:
+            group._write("pids", "pids.max", str(pids_max))
+        if memory_max and "memory" in dirs:
+            if group.version == 2:
+                group._write("memory", "memory.max", str(memory_max))
+                group._write("memory", "memory.swap.max", "0", optional=True)
+            else:
+                group._write("memory", "memory.limit_in_bytes", str(memory_max))
+                group._write("memory", "memory.memsw.limit_in_bytes", str(memory_max), optional=True)
+        return group
+
+    def join(self, pid: int = 0) -> None:
+        """Move `pid` (0: the caller) into every controller's cgroup."""
+        for path in set(self.dirs.values()):
+            with open(os.path.join(path, "cgroup.procs"), "w") as f:
+                f.write(str(pid or os.getpid()))
+
+    def _write(self, controller: str, name: str, value: str, optional: bool = False) -> None:
+        try:
+            with open(os.path.join(self.dirs[controller], name), "w") as f:
+                f.write(value)
+        except FileNotFoundError:
+            if not optional:
+                raise
+
+    def stats(self) -> dict[str, int]:
+        """Counters that explain a death: pids cap hits, OOM kills, peaks where the kernel keeps them."""
+        out: dict[str, int] = {}
+        pids = self.dirs.get("pids")
+        if pids:
+            out["pids_current"] = _int(_read(f"{pids}/pids.current"))
+            out["pids_max_hits"] = _keyed(_read(f"{pids}/pids.events"), "max")
+            peak = _read(f"{pids}/pids.peak")
+            if peak:
+                out["pids_peak"] = _int(peak)
+        memory = self.dirs.get("memory")
+        if memory:
+            if self.version == 2:
+                out["oom_kills"] = _keyed(_read(f"{memory}/memory.events"), "oom_kill")
+                out["memory_peak"] = _int(_read(f"{memory}/memory.peak"))
+            else:
+                out["oom_kills"] = _keyed(_read(f"{memory}/memory.oom_control"), "oom_kill")
+                out["memory_peak"] = _int(_read(f"{memory}/memory.max_usage_in_bytes"))
+        return out
+
+    def destroy(self) -> None:
+        """Kill whatever is left inside and remove the cgroup directories."""
+        destroy_dirs(list(self.dirs.values()), self.version)
+
+
+def destroy_dirs(dirs: list[str], version: int) -> None:
+    for path in dict.fromkeys(dirs):
+        if not os.path.isdir(path):
+            continue
+        if version == 2 and os.path.exists(f"{path}/cgroup.kill"):
+            try:
+                with open(f"{path}/cgroup.kill", "w") as f:
+                    f.write("1")
+            except OSError:
+                pass
+        deadline = time.monotonic() + 5
+        while True:
+            procs = [int(p) for p in _read(f"{path}/cgroup.procs").split()]
+            for pid in procs:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            try:
+                os.rmdir(path)
+                break
+            except OSError as exc:
+                if exc.errno == errno.ENOENT:
+                    break
+                if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.005)
+
+
+def remove_parents(plan: CapPlan) -> None:
+    """Remove the shared `nsbox` parents if no other session uses them (EBUSY otherwise)."""
+    for parent in dict.fromkeys(plan.parents.values()):
+        if os.environ.get("NSBOX_CGROUP_PARENT") == parent:
+            continue  # the user's own delegated cgroup, not ours to remove
+        try:
+            os.rmdir(parent)
+        except OSError:
+            pass
+
+
+def sweep_stale(plan: CapPlan) -> list[str]:
+    """Remove the cgroups of spawners that no longer exist (killed before they could clean up)."""
+    removed = []
+    version = 2 if plan.mechanism == "cgroup2" else 1
+    for parent in dict.fromkeys(plan.parents.values()):
+        try:
+            names = os.listdir(parent)
+        except OSError:
+            continue
+        for name in names:
+            match = _NAME.match(name)
+            if match and not _is_spawner(int(match[1])):
+                try:
+                    destroy_dirs([os.path.join(parent, name)], version)
+                    removed.append(os.path.join(parent, name))
+                except OSError:
+                    pass
+    return removed
+
+
+def _is_spawner(pid: int) -> bool:
+    """A live spawner (a zombie keeps its name, but will clean up nothing)."""
+    stat = _read(f"/proc/{pid}/stat")
+    state = stat.rsplit(")", 1)[1].split()[0] if ")" in stat else "Z"
+    return state != "Z" and _read(f"/proc/{pid}/comm").strip() == "nsbox-spawner"
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def _int(text: str) -> int:
+    text = text.strip()
+    return int(text) if text.isdigit() else 0
+
+
+def _keyed(text: str, key: str) -> int:
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0] == key and parts[1].isdigit():
+            return int(parts[1])
+    return 0
