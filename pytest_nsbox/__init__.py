@@ -10,7 +10,6 @@ bare `python -I -S`) stays small and quick to start.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
@@ -25,7 +24,10 @@ _HOMES = {
     "SandboxClosed": "errors", "SandboxSetupError": "errors", "SandboxUnavailable": "errors",
 }
 
+TYPE_CHECKING = False  # not typing's: the spawner imports this package and must stay small
 if TYPE_CHECKING:
+    from typing import Any
+
     from .errors import (ConfigError, NsboxError, RootfsError, SandboxClosed, SandboxSetupError,
                          SandboxUnavailable, UnsafeArchiveError)
     from .sandbox import Sandbox, SandboxProcess

@@ -20,42 +20,33 @@ from __future__ import annotations
 
 import errno
 import os
-import re
-import secrets
 import signal
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+
+# This module runs in the spawner, whose size every sandbox pays for at fork (see spawner.py):
+# plain classes and os.path, no dataclasses, pathlib, secrets or re.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 PARENT_NAME = "nsbox"
-_NAME = re.compile(r"^nsbox-(\d+)-[0-9a-f]+$")
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
-def parse_size(value: int | str | None) -> int | None:
-    """Bytes from an int or a string such as '256M', '1G', '512k', '1048576'; None stays None."""
-    if value is None or isinstance(value, bool):
-        return None if value is None else _bad_size(value)
-    if isinstance(value, int):
-        return value if value > 0 else _bad_size(value)
-    match = re.fullmatch(r"\s*(\d+)\s*([kmgtKMGT]?)i?[bB]?\s*", str(value))
-    if not match or int(match[1]) <= 0:
-        return _bad_size(value)
-    return int(match[1]) * _UNITS[match[2].lower()]
-
-
-def _bad_size(value: object) -> int:
-    raise ValueError(f"{value!r} is not a size: write bytes (an int) or a number with K, M, G or T")
-
-
-@dataclass(frozen=True)
 class CapPlan:
     """The mechanism this spawner uses, and where its cgroups go."""
 
-    mechanism: str                       # cgroup2 | cgroup1 | rlimit | none
-    parents: dict[str, str] = field(default_factory=dict)   # controller -> parent cgroup dir
-    note: str = ""
+    __slots__ = ("mechanism", "parents", "note")
+
+    def __init__(self, mechanism: str, parents: dict[str, str] | None = None, note: str = ""):
+        self.mechanism = mechanism          # cgroup2 | cgroup1 | rlimit | none
+        self.parents = dict(parents or {})  # controller -> parent cgroup dir
+        self.note = note
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, CapPlan) and self.to_json() == other.to_json()
+
+    def __repr__(self) -> str:
+        return f"CapPlan({self.mechanism!r}, {self.parents!r}, {self.note!r})"
 
     @property
     def memory_mechanism(self) -> str:
@@ -98,24 +89,24 @@ def detect(euid: int | None = None, mountinfo: str | None = None,
     reasons = []
 
     delegated = environ.get("NSBOX_CGROUP_PARENT")
-    candidates = [Path(delegated)] if delegated else []
+    candidates = [delegated] if delegated else []
     if euid == 0 and v2_root:
-        candidates.append(Path(v2_root) / PARENT_NAME)
+        candidates.append(os.path.join(v2_root, PARENT_NAME))
     for parent in candidates:
         why = _prepare_v2_parent(parent)
         if why is None:
-            return CapPlan("cgroup2", {"pids": str(parent), "memory": str(parent)}
-                           if "memory" in _enabled(parent) else {"pids": str(parent)})
+            return CapPlan("cgroup2", {"pids": parent, "memory": parent}
+                           if "memory" in _enabled(parent) else {"pids": parent})
         reasons.append(why)
 
     parents = {}
     for controller in ("pids", "memory"):
         root = v1_roots.get(controller)
         if root and os.access(root, os.W_OK):
-            parent = Path(root) / PARENT_NAME
+            parent = os.path.join(root, PARENT_NAME)
             try:
-                parent.mkdir(exist_ok=True)
-                parents[controller] = str(parent)
+                os.makedirs(parent, exist_ok=True)
+                parents[controller] = parent
             except OSError as exc:
                 reasons.append(f"cannot create {parent}: {exc.strerror}")
     if "pids" in parents:
@@ -156,21 +147,21 @@ def cgroup_mounts(mountinfo: str) -> tuple[str | None, dict[str, str]]:
     return v2_root, v1
 
 
-def _prepare_v2_parent(parent: Path) -> str | None:
+def _prepare_v2_parent(parent: str) -> str | None:
     """Make `parent` ready to hold per-sandbox cgroups; None if it is, else why not.
 
     A new cgroup offers its children what its parent enabled in cgroup.subtree_control.
     """
     try:
-        if parent.exists():
+        if os.path.exists(parent):
             available = _controllers(parent)
         else:
-            grandparent = parent.parent
+            grandparent = os.path.dirname(parent)
             _enable(grandparent, ("pids", "memory"), _controllers(grandparent))
             available = _enabled(grandparent)
             if "pids" not in available:
                 return f"the pids controller is not available below {grandparent}"
-            parent.mkdir()
+            os.mkdir(parent)
         _enable(parent, ("pids", "memory"), available)
         if "pids" not in _enabled(parent):
             return f"cannot enable the pids controller below {parent}"
@@ -179,36 +170,42 @@ def _prepare_v2_parent(parent: Path) -> str | None:
     return None
 
 
-def _controllers(path: Path) -> list[str]:
-    return _read(str(path / "cgroup.controllers")).split()
+def _controllers(path: str) -> list[str]:
+    return _read(os.path.join(path, "cgroup.controllers")).split()
 
 
-def _enabled(path: Path) -> list[str]:
-    return [c.lstrip("+") for c in _read(str(path / "cgroup.subtree_control")).split()]
+def _enabled(path: str) -> list[str]:
+    return [c.lstrip("+") for c in _read(os.path.join(path, "cgroup.subtree_control")).split()]
 
 
-def _enable(path: Path, wanted: tuple[str, ...], available: list[str]) -> None:
+def _enable(path: str, wanted: tuple[str, ...], available: list[str]) -> None:
     chosen = [f"+{c}" for c in wanted if c in available]
     if chosen and not set(c[1:] for c in chosen) <= set(_enabled(path)):
         try:
-            (path / "cgroup.subtree_control").write_text(" ".join(chosen))
+            with open(os.path.join(path, "cgroup.subtree_control"), "w") as f:
+                f.write(" ".join(chosen))
         except OSError:
             pass  # judged by what _enabled() reads back
 
 
 # -- one sandbox's cgroup --------------------------------------------------------------------------
-@dataclass(frozen=True)
 class SandboxCgroup:
-    version: int
-    dirs: dict[str, str]  # controller -> cgroup dir (the same dir twice for v2)
+    __slots__ = ("version", "dirs")
+
+    def __init__(self, version: int, dirs: dict[str, str]):
+        self.version = version
+        self.dirs = dirs  # controller -> cgroup dir (the same dir twice for v2)
 
     @classmethod
     def create(cls, plan: CapPlan, owner_pid: int, pids_max: int | None,
                memory_max: int | None) -> SandboxCgroup | None:
         if plan.mechanism not in ("cgroup1", "cgroup2"):
             return None
-        name = f"nsbox-{owner_pid}-{secrets.token_hex(6)}"
-        dirs = {controller: str(Path(parent) / name) for controller, parent in plan.parents.items()}
+        name = f"nsbox-{owner_pid}-{os.urandom(6).hex()}"
+        # A memory cgroup only when memory is capped: removing one costs milliseconds (memcg
+        # offlining), which every sandbox would otherwise pay on close.
+        dirs = {controller: os.path.join(parent, name) for controller, parent in plan.parents.items()
+                if controller == "pids" or (controller == "memory" and memory_max)}
         group = cls(2 if plan.mechanism == "cgroup2" else 1, dirs)
         for path in dict.fromkeys(dirs.values()):
             try:
@@ -216,9 +213,9 @@ class SandboxCgroup:
             except FileNotFoundError:
                 # Another session's last spawner removed the shared parent just now: remake it.
                 if group.version == 2:
-                    _prepare_v2_parent(Path(path).parent)  # noqa: the mkdir below says if it failed
+                    _prepare_v2_parent(os.path.dirname(path))  # the mkdir below says if it failed
                 else:
-                    os.makedirs(Path(path).parent, exist_ok=True)
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
                 os.mkdir(path)
         if pids_max:
             group._write("pids", "pids.max", str(pids_max))
@@ -281,6 +278,7 @@ def destroy_dirs(dirs: list[str], version: int) -> None:
             except OSError:
                 pass
         deadline = time.monotonic() + 5
+        pause = 0.0001  # the last task may be a zombie until its parent reaps it: microseconds
         while True:
             procs = [int(p) for p in _read(f"{path}/cgroup.procs").split()]
             for pid in procs:
@@ -296,7 +294,8 @@ def destroy_dirs(dirs: list[str], version: int) -> None:
                     break
                 if exc.errno != errno.EBUSY or time.monotonic() > deadline:
                     raise
-                time.sleep(0.005)
+                time.sleep(pause)
+                pause = min(pause * 2, 0.01)
 
 
 def remove_parents(plan: CapPlan) -> None:
@@ -320,14 +319,23 @@ def sweep_stale(plan: CapPlan) -> list[str]:
         except OSError:
             continue
         for name in names:
-            match = _NAME.match(name)
-            if match and not _is_spawner(int(match[1])):
+            owner = _owner_pid(name)
+            if owner is not None and not _is_spawner(owner):
                 try:
                     destroy_dirs([os.path.join(parent, name)], version)
                     removed.append(os.path.join(parent, name))
                 except OSError:
                     pass
     return removed
+
+
+def _owner_pid(name: str) -> int | None:
+    """The spawner PID in a cgroup name `nsbox-<pid>-<hex>`, or None for any other name."""
+    parts = name.split("-")
+    if len(parts) == 3 and parts[0] == "nsbox" and parts[1].isdigit() and parts[2] and \
+            all(c in "0123456789abcdef" for c in parts[2]):
+        return int(parts[1])
+    return None
 
 
 def _is_spawner(pid: int) -> bool:

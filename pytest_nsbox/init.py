@@ -17,9 +17,13 @@ import select
 import signal
 import socket
 import time
-from typing import Any
 
 from . import kernel, layout, protocol
+
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: the spawner must not import typing (see spawner.py)
+if TYPE_CHECKING:
+    from typing import Any
+
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
@@ -29,8 +33,9 @@ class Init:
         self.sock = sock
         self.spec = spec
         self.commands: set[int] = set()
-        self.deadline = time.monotonic() + spec["timeout"] if spec.get("timeout") else None
+        self.deadline: float | None = None  # set when the owner says hello: a sandbox may be prebuilt
         self.expired = False
+        self.devnull: int | None = None
 
     # -- setup ------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -82,7 +87,10 @@ class Init:
     def handle(self, message: dict[str, Any], fds: list[int]) -> None:
         op = message.get("op")
         try:
-            if op == "exec":
+            if op == "hello":
+                if self.spec.get("timeout"):
+                    self.deadline = time.monotonic() + self.spec["timeout"]
+            elif op == "exec":
                 self.start(message, fds)
             elif op == "signal":
                 self.signal(message["pid"], message["signal"], message.get("session", False))
@@ -141,6 +149,30 @@ class Init:
                                       "error": f"the sandbox's lifetime of {self.spec['timeout']} s expired"})
             return
         stdio = _stdio_slots(message["stdio"], fds)
+        if self.spec.get("memory_max") and self.spec.get("memory_mechanism") == "rlimit":
+            self._fork_exec(request_id, message, stdio)  # RLIMIT_AS must be set in the child
+            return
+        try:
+            pid = self._spawn(message, stdio)
+        except OSError as exc:
+            what = "chdir" if exc.filename == message["cwd"] else "exec"
+            text = f"{what} {exc.filename}: {errno.errorcode.get(exc.errno or 0, '?')} ({exc.strerror})"
+            protocol.send(self.sock, {"op": "failed", "id": request_id, "error": f"{exc.errno}:{text}"})
+            return
+        self.commands.add(pid)
+        protocol.send(self.sock, {"op": "started", "id": request_id, "pid": pid})
+
+    def _spawn(self, message: dict[str, Any], stdio: list[int | None]) -> int:
+        """posix_spawn (vfork): no Python runs in the child, and init's size does not matter."""
+        argv, env, cwd = message["argv"], message["env"], message["cwd"]
+        if not os.path.isdir(cwd):
+            raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), cwd)
+        if self.devnull is None:
+            self.devnull = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
+        fds = [self.devnull if fd is None else fd for fd in stdio]
+        return kernel.spawn(_which(argv[0], env.get("PATH", "")), argv, env, cwd, fds)
+
+    def _fork_exec(self, request_id: int, message: dict[str, Any], stdio: list[int | None]) -> None:
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         pid = os.fork()
         if pid == 0:
@@ -158,6 +190,22 @@ class Init:
             return
         self.commands.add(pid)
         protocol.send(self.sock, {"op": "started", "id": request_id, "pid": pid})
+
+
+def _which(name: str, path: str) -> str:
+    """execvp's search, over the sandbox's PATH (posix_spawnp would search init's own)."""
+    if "/" in name:
+        return name
+    denied = None
+    for directory in path.split(":"):
+        candidate = os.path.join(directory or ".", name)
+        if os.path.isfile(candidate):
+            if os.access(candidate, os.X_OK):
+                return candidate
+            denied = candidate
+    if denied:
+        raise OSError(errno.EACCES, os.strerror(errno.EACCES), name)
+    raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), name)
 
 
 def _stdio_slots(layout_: list[str | None], fds: list[int]) -> list[int | None]:
@@ -182,8 +230,9 @@ def _exec_child(message: dict[str, Any], stdio: list[int | None], err_w: int) ->
         os.chdir(message["cwd"])
         if not os.getcwd().startswith("/"):
             raise OSError(errno.EACCES, "working directory is outside the sandbox's root")
-        argv = message["argv"]
-        os.execvpe(argv[0], argv, message["env"])
+        argv, env = message["argv"], message["env"]
+        # Not os.execvpe: it imports `warnings` lazily, and the host's stdlib is gone after pivot_root.
+        os.execve(_which(argv[0], env.get("PATH", "")), argv, env)
     except OSError as exc:
         what = "chdir" if exc.filename == message["cwd"] else "exec"
         text = f"{what} {exc.filename or message['argv'][0]}: {errno.errorcode.get(exc.errno or 0, '?')} ({exc.strerror})"

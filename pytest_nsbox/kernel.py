@@ -9,8 +9,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import platform
-from pathlib import Path
 
 # Namespace flags (linux/sched.h).
 CLONE_NEWNS = 0x00020000
@@ -64,6 +62,8 @@ PR_SET_CHILD_SUBREAPER = 36
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "loongarch64": 41, "ppc64le": 203,
                    "s390x": 217, "i686": 217, "i386": 217, "armv7l": 218, "armv6l": 218}
 
+_MACHINE = os.uname().machine
+_RELEASE = os.uname().release
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
                         ctypes.c_char_p]
@@ -124,12 +124,9 @@ def userns_policy_hint(*, seccomp: bool = True) -> str:
          "user namespaces are disabled: run `sysctl -w user.max_user_namespaces=15000`"),
     ]
     for path, bad, hint in checks:
-        try:
-            if Path(path).read_text().strip() == bad:
-                return hint
-        except OSError:
-            continue
-    if seccomp and Path("/.dockerenv").exists() or "docker" in _read("/proc/1/cgroup"):
+        if _read(path).strip() == bad:
+            return hint
+    if seccomp and (os.path.exists("/.dockerenv") or "docker" in _read("/proc/1/cgroup")):
         return ("this looks like a Docker container, whose default seccomp profile blocks "
                 "unshare(CLONE_NEWUSER): run the container with `--security-opt seccomp=unconfined` "
                 "(or a profile that allows unshare)")
@@ -138,7 +135,8 @@ def userns_policy_hint(*, seccomp: bool = True) -> str:
 
 def _read(path: str) -> str:
     try:
-        return Path(path).read_text()
+        with open(path) as f:
+            return f.read()
     except OSError:
         return ""
 
@@ -155,7 +153,7 @@ def mount(source: str | None, target: str, fstype: str | None, flags: int = 0,
 def mount_hint(err: int, fstype: str | None) -> str:
     if fstype == "overlay" and err in (errno.EINVAL, errno.EPERM, errno.ENODEV):
         return ("overlayfs inside a user namespace needs Linux >= 5.11 (this is "
-                f"{platform.release()}); the rootfs cache must be on a filesystem overlayfs "
+                f"{_RELEASE}); the rootfs cache must be on a filesystem overlayfs "
                 "accepts as a lower layer (not another overlay or NFS)")
     if fstype == "proc" and err == errno.EPERM:
         return "a new /proc can only be mounted where the host's /proc is fully visible (not masked)"
@@ -226,10 +224,10 @@ def umount2(target: str, flags: int) -> None:
 
 
 def pivot_root(new_root: str, put_old: str) -> None:
-    number = _SYS_PIVOT_ROOT.get(platform.machine())
+    number = _SYS_PIVOT_ROOT.get(_MACHINE)
     if number is None:
         raise KernelError(errno.ENOSYS, "pivot_root", new_root,
-                          f"pytest-nsbox does not know pivot_root's number on {platform.machine()}")
+                          f"pytest-nsbox does not know pivot_root's number on {_MACHINE}")
     _check(_libc.syscall(number, _b(new_root), _b(put_old)), "pivot_root", new_root)
 
 
@@ -273,3 +271,46 @@ def _write(path: str, text: str) -> None:
 
 def _b(value: str | None) -> bytes | None:
     return None if value is None else os.fsencode(value)
+
+
+# posix_spawn(3) through glibc: a vfork-based spawn, so init's Python never runs in the child.
+_POSIX_SPAWN_SETSIGDEF = 0x04
+_POSIX_SPAWN_SETSIGMASK = 0x08
+_POSIX_SPAWN_SETSID = 0x80
+_OPAQUE = 1024  # larger than glibc's posix_spawn_file_actions_t, posix_spawnattr_t and sigset_t
+
+
+def spawn(path: str, argv: list[str], env: dict[str, str], cwd: str, stdio: list[int]) -> int:
+    """Start `path` in a new session with `stdio` as fds 0-2, every other fd closed, default
+    signal dispositions and an empty signal mask.  Returns the pid; raises OSError as exec would."""
+    actions = ctypes.create_string_buffer(_OPAQUE)
+    attr = ctypes.create_string_buffer(_OPAQUE)
+    sigs = ctypes.create_string_buffer(_OPAQUE)
+    empty = ctypes.create_string_buffer(_OPAQUE)
+    _libc.posix_spawn_file_actions_init(actions)
+    _libc.posix_spawnattr_init(attr)
+    try:
+        for target, fd in enumerate(stdio):
+            _spawn_check(_libc.posix_spawn_file_actions_adddup2(actions, fd, target), path)
+        _spawn_check(_libc.posix_spawn_file_actions_addchdir_np(actions, _b(cwd)), cwd)
+        _spawn_check(_libc.posix_spawn_file_actions_addclosefrom_np(actions, 3), path)
+        _libc.sigfillset(sigs)
+        _libc.sigemptyset(empty)
+        _libc.posix_spawnattr_setsigdefault(attr, sigs)
+        _libc.posix_spawnattr_setsigmask(attr, empty)
+        _libc.posix_spawnattr_setflags(attr, ctypes.c_short(
+            _POSIX_SPAWN_SETSID | _POSIX_SPAWN_SETSIGDEF | _POSIX_SPAWN_SETSIGMASK))
+        c_argv = (ctypes.c_char_p * (len(argv) + 1))(*[os.fsencode(a) for a in argv], None)
+        env_items = [os.fsencode(f"{k}={v}") for k, v in env.items()]
+        c_env = (ctypes.c_char_p * (len(env_items) + 1))(*env_items, None)
+        pid = ctypes.c_int()
+        _spawn_check(_libc.posix_spawn(ctypes.byref(pid), _b(path), actions, attr, c_argv, c_env), path)
+        return pid.value
+    finally:
+        _libc.posix_spawn_file_actions_destroy(actions)
+        _libc.posix_spawnattr_destroy(attr)
+
+
+def _spawn_check(err: int, path: str) -> None:
+    if err:
+        raise OSError(err, os.strerror(err), path)

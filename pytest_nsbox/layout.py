@@ -22,7 +22,6 @@ import os
 import socket
 import stat
 import struct
-from dataclasses import dataclass
 
 from . import kernel
 from .kernel import MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_PRIVATE, MS_REC
@@ -34,11 +33,13 @@ HOST_NETWORK_FILES = ("/etc/resolv.conf", "/etc/hosts")
 STAGING = "/tmp"
 
 
-@dataclass(frozen=True)
 class BindSpec:
-    source: str
-    target: str
-    rw: bool
+    """A bind mount to make: host `source` on `target` inside, read-only unless `rw`."""
+
+    __slots__ = ("source", "target", "rw")
+
+    def __init__(self, source: str, target: str, rw: bool):
+        self.source, self.target, self.rw = source, target, rw
 
     @staticmethod
     def source_kind_path(fd: int) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import re
-import selectors
+import select
 import socket
 import subprocess
 import threading
@@ -109,6 +109,8 @@ class _Channel:
         self.expired = False
         self.eof = False
         self._next_id = 0
+        self._poller = select.poll()
+        self._poller.register(sock, select.POLLIN)
 
     def next_id(self) -> int:
         with self.lock:
@@ -118,6 +120,8 @@ class _Channel:
     def send(self, message: dict[str, Any], fds: Sequence[int] = ()) -> None:
         try:
             protocol.send(self.sock, message, fds)
+        except protocol.MessageTooLarge as exc:
+            raise ConfigError(str(exc)) from None
         except OSError as exc:
             raise SandboxClosed(f"the sandbox is gone ({exc.strerror})") from None
 
@@ -130,13 +134,8 @@ class _Channel:
             if self.eof:
                 time.sleep(wait)
                 return
-            ready = selectors.DefaultSelector()
-            ready.register(self.sock, selectors.EVENT_READ)
-            try:
-                if not ready.select(wait):
-                    return
-            finally:
-                ready.close()
+            if not self._poller.poll(wait * 1000):
+                return
             while True:
                 try:
                     message, fds = protocol.receive(self.sock, socket.MSG_DONTWAIT)
@@ -240,6 +239,7 @@ class Sandbox:
             "timeout": self.settings.timeout,
         }
         sock, info = Spawner.get().create(spec)
+        protocol.send(sock, {"op": "hello"})  # the sandbox may have been prebuilt: its lifetime starts now
         plan = caps.CapPlan.from_json(info["caps"])
         if info.get("cgroup"):
             self._cgroup = caps.SandboxCgroup(info["cgroup_version"], info["cgroup"])
@@ -497,41 +497,43 @@ class SandboxProcess:
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         chunks: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
-        with selectors.DefaultSelector() as sel:
-            pending_input = _encode(input)
-            if self.stdin is not None:
-                self.stdin.flush()
-                if pending_input:
-                    os.set_blocking(self.stdin.fileno(), False)
-                    sel.register(self.stdin.fileno(), selectors.EVENT_WRITE, "stdin")
-                else:
-                    self._close_stream("stdin")
-            for name in ("stdout", "stderr"):
-                stream = getattr(self, name)
-                if stream is not None:
-                    os.set_blocking(stream.fileno(), False)
-                    sel.register(stream.fileno(), selectors.EVENT_READ, name)
-            sel.register(self._channel.sock, selectors.EVENT_READ, "channel")
-            while self.poll() is None:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    self._partial = chunks
-                    raise subprocess.TimeoutExpired(self.args, timeout, _join(chunks["stdout"]),
-                                                    _join(chunks["stderr"]))
-                wait = 0.1 if remaining is None else min(remaining, 0.1)
-                for key, _ in sel.select(wait):
-                    if key.data == "channel":
-                        continue  # poll() reads it
-                    if key.data == "stdin":
-                        pending_input = self._feed(sel, key.fd, pending_input)
-                    elif not _read_into(key.fd, chunks[key.data]):
-                        sel.unregister(key.fd)
-            # The command is gone: everything it wrote is in the pipes now.
-            for name in ("stdout", "stderr"):
-                stream = getattr(self, name)
-                if stream is not None:
-                    while _read_into(stream.fileno(), chunks[name]):
-                        pass
+        poller = select.poll()
+        names: dict[int, str] = {}
+        pending_input = _encode(input)
+        if self.stdin is not None:
+            self.stdin.flush()
+            if pending_input:
+                os.set_blocking(self.stdin.fileno(), False)
+                names[self.stdin.fileno()] = "stdin"
+                poller.register(self.stdin.fileno(), select.POLLOUT)
+            else:
+                self._close_stream("stdin")
+        for name in ("stdout", "stderr"):
+            stream = getattr(self, name)
+            if stream is not None:
+                os.set_blocking(stream.fileno(), False)
+                names[stream.fileno()] = name
+                poller.register(stream.fileno(), select.POLLIN)
+        poller.register(self._channel.sock, select.POLLIN)  # our exit arrives here
+        while self.poll() is None:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise subprocess.TimeoutExpired(self.args, timeout, _join(chunks["stdout"]),
+                                                _join(chunks["stderr"]))
+            wait = 0.1 if remaining is None else min(remaining, 0.1)
+            for fd, _event in poller.poll(wait * 1000):
+                name = names.get(fd)
+                if name == "stdin":
+                    pending_input = self._feed(poller, fd, pending_input)
+                elif name is not None and not _read_into(fd, chunks[name]):
+                    poller.unregister(fd)
+                    del names[fd]
+        # The command is gone: everything it wrote is in the pipes now.
+        for name in ("stdout", "stderr"):
+            stream = getattr(self, name)
+            if stream is not None:
+                while _read_into(stream.fileno(), chunks[name]):
+                    pass
         out, err = _join(chunks["stdout"]), _join(chunks["stderr"])
         self._record.stderr_tail = _tail(err)
         if self.stdout is None:
@@ -546,7 +548,7 @@ class SandboxProcess:
         self.wait(timeout=_CLOSE_TIMEOUT)
         self._record.timed_out = True
 
-    def _feed(self, sel: selectors.BaseSelector, fd: int, data: bytes) -> bytes:
+    def _feed(self, poller: select.poll, fd: int, data: bytes) -> bytes:
         try:
             written = os.write(fd, data[:_READ_CHUNK])
         except BlockingIOError:
@@ -555,7 +557,7 @@ class SandboxProcess:
             written = len(data)
         data = data[written:]
         if not data:
-            sel.unregister(fd)
+            poller.unregister(fd)
             self._close_stream("stdin")
         return data
 

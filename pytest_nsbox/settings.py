@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
-from .caps import parse_size
 from .errors import ConfigError
 
 #: PIDs are capped unless a caller says otherwise: a fork bomb must never reach the host.
@@ -128,6 +127,27 @@ class SandboxSettings:
             return dataclasses.replace(base, **kwargs)
         except ConfigError as exc:
             raise ConfigError(f"{source}: {exc}") from None
+
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(value: int | str | None) -> int | None:
+    """Bytes from an int or a string such as '256M', '1G', '512k', '1048576'; None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return _bad_size(value)
+    if isinstance(value, int):
+        return value if value > 0 else _bad_size(value)
+    match = re.fullmatch(r"\s*(\d+)\s*([kmgtKMGT]?)i?[bB]?\s*", str(value))
+    if not match or int(match[1]) <= 0:
+        return _bad_size(value)
+    return int(match[1]) * _UNITS[match[2].lower()]
+
+
+def _bad_size(value: object) -> int:
+    raise ValueError(f"{value!r} is not a size: write bytes (an int) or a number with K, M, G or T")
 
 
 def _bad(key: str, value: object, allowed: str) -> str:

@@ -12,7 +12,8 @@ import time
 import pytest
 
 from pytest_nsbox import caps
-from pytest_nsbox.caps import CapPlan, SandboxCgroup, detect, parse_size
+from pytest_nsbox.caps import CapPlan, SandboxCgroup, detect
+from pytest_nsbox.settings import parse_size
 
 from .helpers import alive, sandbox_processes, wait_until
 
