@@ -54,10 +54,12 @@ class Spawner:
         self.plan = caps.detect()
         caps.sweep_stale(self.plan)
         self.cgroups: dict[int, caps.SandboxCgroup] = {}  # monitor pid -> its sandbox's cgroup
-        # One sandbox prebuilt for the spec last asked for: per-test sandboxes tend to repeat
-        # their spec, so the next one is built while the current test runs.
-        self.prefork = os.environ.get("NSBOX_PREFORK", "1") != "0"
-        self.spare: tuple[str, socket.socket, dict[str, Any]] | None = None
+        # Sandboxes prebuilt for the spec last asked for: per-test sandboxes tend to repeat their
+        # spec, so the next ones are built while the current test runs.  Two, so that with quick
+        # tests two builds overlap on a second core.
+        self.prefork = _prefork_depth()
+        self.spare_key: str | None = None
+        self.spares: list[tuple[socket.socket, dict[str, Any]]] = []
 
     def serve(self) -> None:
         signal.set_wakeup_fd(self.wake_w)
@@ -88,12 +90,12 @@ class Spawner:
 
     def create(self, spec: dict[str, Any]) -> None:
         key = repr(sorted(spec.items()))  # specs are plain values: equal specs, equal keys
-        spare, self.spare = self.spare, None
-        if spare is not None and spare[0] == key:
-            sock, info = spare[1], spare[2]
+        if key != self.spare_key:
+            self.drop_spares()
+            self.spare_key = key
+        if self.spares:
+            sock, info = self.spares.pop(0)
         else:
-            if spare is not None:
-                spare[1].close()  # its init sees EOF and ends the unwanted sandbox
             try:
                 sock, info = self.build(spec)
             except OSError as exc:
@@ -102,11 +104,16 @@ class Spawner:
                 return
         protocol.send(self.control, info, [sock.fileno()])
         sock.close()
-        if self.prefork:
+        while len(self.spares) < self.prefork:
             try:
-                self.spare = (key, *self.build(spec))
+                self.spares.append(self.build(spec))
             except OSError:
-                self.spare = None  # the next request builds on demand and reports the error
+                break  # the next request builds on demand and reports the error
+
+    def drop_spares(self) -> None:
+        for sock, _info in self.spares:
+            sock.close()  # its init sees EOF and ends the unwanted sandbox
+        self.spares.clear()
 
     def build(self, spec: dict[str, Any]) -> tuple[socket.socket, dict[str, Any]]:
         """Fork a sandbox's monitor; return our end of its socket and the `created` reply."""
@@ -136,8 +143,8 @@ class Spawner:
         self.control.close()
         os.close(self.wake_r)
         os.close(self.wake_w)
-        if self.spare is not None:
-            self.spare[1].close()  # another sandbox's socket: not ours to hold
+        for sock, _info in self.spares:
+            sock.close()  # other sandboxes' sockets: not ours to hold
 
     def shutdown(self) -> None:
         """The owner is gone: end every sandbox and remove every cgroup we made, then leave.
@@ -145,9 +152,7 @@ class Spawner:
         Monitors would die with us anyway (PDEATHSIG), but their cgroups would stay behind.
         """
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        if self.spare is not None:
-            self.spare[1].close()
-            self.spare = None
+        self.drop_spares()
         for pid in self.cgroups:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -178,6 +183,11 @@ class Spawner:
                     cgroup.destroy()
                 except OSError:
                     pass  # the next session's sweep retries
+
+
+def _prefork_depth() -> int:
+    value = os.environ.get("NSBOX_PREFORK", "2")
+    return int(value) if value.isdigit() else 2
 
 
 def monitor(sock: socket.socket, spec: dict[str, Any], spawner_pid: int) -> None:
