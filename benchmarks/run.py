@@ -367,7 +367,7 @@ def main() -> int:
     if os.getuid() == 0:
         print("note: running as root; the figures that matter are a normal user's", file=sys.stderr)
     q = args.quick
-    cache = args.cache_dir or Path(tempfile.gettempdir()) / f"nsbox-bench-cache-{os.getuid()}"
+    cache = args.cache_dir or REPO / "rootfs-cache"  # the repository's own, git-ignored cache
     rootfs = RootfsStore(cache, offline=True).resolve(str(args.tarball))
     results: dict = {"machine": machine(), "quick": q}
     steps = [
