@@ -23,6 +23,8 @@ import os
 import signal
 import time
 
+from .kernel import read_text as _read
+
 # This module runs in the spawner, whose size every sandbox pays for at fork (see spawner.py):
 # plain classes and os.path, no dataclasses, pathlib, secrets or re.
 TYPE_CHECKING = False
@@ -343,14 +345,6 @@ def _is_spawner(pid: int) -> bool:
     stat = _read(f"/proc/{pid}/stat")
     state = stat.rsplit(")", 1)[1].split()[0] if ")" in stat else "Z"
     return state != "Z" and _read(f"/proc/{pid}/comm").strip() == "nsbox-spawner"
-
-
-def _read(path: str) -> str:
-    try:
-        with open(path) as f:
-            return f.read()
-    except OSError:
-        return ""
 
 
 def _int(text: str) -> int:

@@ -99,13 +99,7 @@ class Init:
                 os.close(fd)
 
     def reap(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+        for pid, status in kernel.reap_children():
             if pid in self.commands:
                 self.commands.discard(pid)
                 protocol.send(self.sock, {"op": "exited", "pid": pid,

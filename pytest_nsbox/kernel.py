@@ -124,21 +124,34 @@ def userns_policy_hint(*, seccomp: bool = True) -> str:
          "user namespaces are disabled: run `sysctl -w user.max_user_namespaces=15000`"),
     ]
     for path, bad, hint in checks:
-        if _read(path).strip() == bad:
+        if read_text(path).strip() == bad:
             return hint
-    if seccomp and (os.path.exists("/.dockerenv") or "docker" in _read("/proc/1/cgroup")):
+    if seccomp and (os.path.exists("/.dockerenv") or "docker" in read_text("/proc/1/cgroup")):
         return ("this looks like a Docker container, whose default seccomp profile blocks "
                 "unshare(CLONE_NEWUSER): run the container with `--security-opt seccomp=unconfined` "
                 "(or a profile that allows unshare)")
     return "unprivileged user namespaces are not allowed on this host"
 
 
-def _read(path: str) -> str:
+def read_text(path: str) -> str:
+    """A small file's text, or "" if it cannot be read (proc and cgroup files come and go)."""
     try:
         with open(path) as f:
             return f.read()
     except OSError:
         return ""
+
+
+def reap_children():
+    """Yield (pid, waitstatus) for every child that has exited, without blocking."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        yield pid, status
 
 
 def mount(source: str | None, target: str, fstype: str | None, flags: int = 0,

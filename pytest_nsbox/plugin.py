@@ -114,43 +114,50 @@ _STORE = pytest.StashKey[RootfsStore]()
 _SANDBOXES = pytest.StashKey[list[Sandbox]]()
 
 
+@dataclass(frozen=True)
+class _Option:
+    """One run-wide setting: `--nsbox-NAME` on the command line, `nsbox_NAME` in the ini file and
+    NSBOX_NAME in the environment."""
+
+    name: str
+    help: str
+    metavar: str | None = None   # None: a flag
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--nsbox-" + self.name.replace("_", "-")
+
+
+_RUN_OPTIONS = (
+    _Option("rootfs", "root filesystem of sandboxes: alpine (default), alpine:X.Y, alpine:X.Y.Z"
+            "[@sha256:HEX], https://URL#sha256=HEX, a tarball or directory, or host", "SPEC"),
+    _Option("alpine_mirror", "Alpine mirror to download from (default "
+            "https://dl-cdn.alpinelinux.org/alpine)", "URL"),
+    _Option("offline", "never download: use the rootfs cache only"),
+    _Option("cache_dir", "where root filesystems are kept (default $XDG_CACHE_HOME/pytest-nsbox)", "DIR"),
+    _Option("pids_max", "default cap on a sandbox's processes, or 'none' (default 512)", "N"),
+    _Option("memory_max", "default memory cap of a sandbox, e.g. 256M", "SIZE"),
+    _Option("timeout", "default lifetime of a sandbox, in seconds", "SECONDS"),
+    _Option("require_caps", "fail sandboxed tests where PIDs cannot be capped"),
+    _Option("unavailable", "what sandboxed tests do where this machine cannot make sandboxes: "
+            "fail (default) or skip", "MODE", UNAVAILABLE_CHOICES),
+)
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("nsbox", "hermetic Linux sandboxes (pytest-nsbox)")
-    group.addoption("--nsbox-rootfs", dest="nsbox_rootfs", metavar="SPEC", default=None,
-                    help="root filesystem of sandboxes: alpine (default), alpine:X.Y, alpine:X.Y.Z"
-                         "[@sha256:HEX], https://URL#sha256=HEX, a tarball or directory, or host "
-                         "(env NSBOX_ROOTFS, ini nsbox_rootfs)")
-    group.addoption("--nsbox-alpine-mirror", dest="nsbox_alpine_mirror", metavar="URL", default=None,
-                    help="Alpine mirror to download from (env NSBOX_ALPINE_MIRROR, ini "
-                         "nsbox_alpine_mirror; default https://dl-cdn.alpinelinux.org/alpine)")
-    group.addoption("--nsbox-offline", dest="nsbox_offline", action="store_true", default=None,
-                    help="never download: use the rootfs cache only (env NSBOX_OFFLINE, ini nsbox_offline)")
-    group.addoption("--nsbox-cache-dir", dest="nsbox_cache_dir", metavar="DIR", default=None,
-                    help="where extracted root filesystems are kept (env NSBOX_CACHE_DIR, ini "
-                         "nsbox_cache_dir; default $XDG_CACHE_HOME/pytest-nsbox)")
-    group.addoption("--nsbox-pids-max", dest="nsbox_pids_max", metavar="N", default=None,
-                    help="default cap on a sandbox's processes, or 'none' (ini nsbox_pids_max; "
-                         "default 512)")
-    group.addoption("--nsbox-memory-max", dest="nsbox_memory_max", metavar="SIZE", default=None,
-                    help="default memory cap of a sandbox, e.g. 256M (ini nsbox_memory_max)")
-    group.addoption("--nsbox-timeout", dest="nsbox_timeout", metavar="SECONDS", default=None,
-                    help="default lifetime of a sandbox (ini nsbox_timeout)")
-    group.addoption("--nsbox-require-caps", dest="nsbox_require_caps", action="store_true", default=None,
-                    help="fail sandboxed tests where PIDs cannot be capped (ini nsbox_require_caps)")
-    group.addoption("--nsbox-unavailable", dest="nsbox_unavailable", choices=UNAVAILABLE_CHOICES,
-                    default=None, help="what sandboxed tests do where this kernel cannot make "
-                                       "sandboxes: fail (default) or skip (ini nsbox_unavailable)")
-    parser.addini("nsbox_rootfs", "root filesystem of sandboxes (see --nsbox-rootfs)", default=None)
-    parser.addini("nsbox_alpine_mirror", "Alpine mirror to download from", default=None)
-    parser.addini("nsbox_offline", "never download: use the rootfs cache only (true/false)", default=None)
-    parser.addini("nsbox_cache_dir", "where extracted root filesystems are kept", default=None)
-    parser.addini("nsbox_pids_max", "default cap on a sandbox's processes, or 'none'", default=None)
-    parser.addini("nsbox_memory_max", "default memory cap of a sandbox, e.g. 256M", default=None)
-    parser.addini("nsbox_timeout", "default lifetime of a sandbox in seconds", default=None)
-    parser.addini("nsbox_require_caps", "fail sandboxed tests where PIDs cannot be capped (true/false)",
-                  default=None)
-    parser.addini("nsbox_unavailable", "fail or skip sandboxed tests where sandboxes cannot be made",
-                  default=None)
+    for option in _RUN_OPTIONS:
+        dest = f"nsbox_{option.name}"
+        where = f" (ini {dest}, env {dest.upper()})"
+        if option.metavar is None:
+            group.addoption(option.flag, dest=dest, action="store_true", default=None,
+                            help=option.help + where)
+            parser.addini(dest, option.help + " (true/false)", default=None)
+        else:
+            group.addoption(option.flag, dest=dest, metavar=option.metavar, default=None,
+                            choices=option.choices, help=option.help + where)
+            parser.addini(dest, option.help, default=None)
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -170,13 +170,7 @@ class Spawner:
         caps.remove_parents(self.plan)
 
     def reap(self) -> None:
-        while True:
-            try:
-                pid, _ = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+        for pid, _status in kernel.reap_children():
             cgroup = self.cgroups.pop(pid, None)
             if cgroup:
                 try:
