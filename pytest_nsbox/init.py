@@ -139,7 +139,7 @@ class Init:
     def start(self, message: dict[str, Any], fds: list[int]) -> None:
         request_id = message["id"]
         if self.expired:
-            protocol.send(self.sock, {"op": "failed", "id": request_id,
+            protocol.send(self.sock, {"op": "failed", "id": request_id, "expired": True,
                                       "error": f"the sandbox's lifetime of {self.spec['timeout']} s expired"})
             return
         stdio = _stdio_slots(message["stdio"], fds)

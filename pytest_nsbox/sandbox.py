@@ -335,6 +335,9 @@ class Sandbox:
             raise SandboxClosed("the sandbox died while starting a command")
         if reply["op"] == "failed":
             streams.close_parent_ends()
+            if reply.get("expired"):
+                channel.expired = True
+                self._live_channel()  # raises SandboxClosed, naming the lifetime
             raise _exec_error(reply["error"], argv)
         record = CommandRecord(args)
         self.history.append(record)
