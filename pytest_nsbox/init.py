@@ -265,7 +265,6 @@ def _noop(_signum: int, _frame: object) -> None:
 
 def main(sock: socket.socket, spec: dict[str, Any], parent_alive: int) -> None:
     """Entry point of PID 1, called in the child the monitor forked.  Never returns."""
-    code = 1
     try:
         kernel.set_parent_death_signal(signal.SIGKILL)
         try:
@@ -287,4 +286,4 @@ def main(sock: socket.socket, spec: dict[str, Any], parent_alive: int) -> None:
             protocol.send(sock, {"op": "error", "message": f"sandbox init failed: {exc!r}"})
         except OSError:
             pass
-    os._exit(code)
+    os._exit(1)

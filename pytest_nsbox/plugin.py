@@ -329,4 +329,10 @@ def nsbox_defaults(pytestconfig: pytest.Config) -> SandboxSettings:
                 yield sb
     """
     options, store = pytestconfig.stash[_OPTIONS], pytestconfig.stash[_STORE]
-    return replace(options.defaults(), rootfs=store.resolve(options.rootfs))
+    try:
+        rootfs = store.resolve(options.rootfs)
+    except NsboxError as exc:
+        problem = str(exc)
+    else:
+        return replace(options.defaults(), rootfs=rootfs)
+    pytest.fail(f"nsbox: {problem}", pytrace=False)

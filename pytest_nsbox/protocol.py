@@ -16,9 +16,6 @@ import os
 import socket
 import threading
 
-TYPE_CHECKING = False  # not typing.TYPE_CHECKING: the spawner must not import typing (see spawner.py)
-if TYPE_CHECKING:
-    from typing import Any
 
 MAX_MESSAGE = 1 << 20
 MAX_FDS = 8

@@ -210,9 +210,8 @@ class Sandbox:
 
     @classmethod
     def from_settings(cls, settings: SandboxSettings) -> Sandbox:
-        sandbox = cls.__new__(cls)
-        cls.__init__(sandbox, **{k: getattr(settings, k) for k in SandboxSettings.keys()})
-        return sandbox
+        """A sandbox from settings made elsewhere (`nsbox_defaults`, `dataclasses.replace`)."""
+        return cls(**{key: getattr(settings, key) for key in SandboxSettings.keys()})
 
     # -- lifecycle --------------------------------------------------------------------------
     def __enter__(self) -> Sandbox:

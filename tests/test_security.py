@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import subprocess
 
-import pytest
 
 
 def test_cached_tree_is_never_modified(sandbox, sandbox_factory):
