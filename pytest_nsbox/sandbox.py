@@ -258,7 +258,10 @@ class Sandbox:
         return self
 
     def _await_ready(self, channel: _Channel) -> None:
-        while True:
+        # Two events, in either order: the monitor reports init's host PID after forking it, and
+        # init may finish its whole setup (a prebuilt sandbox) before the monitor is scheduled.
+        ready = False
+        while not (ready and self.init_pid is not None):
             event = channel.next_event(timeout=30.0)
             if event is None:
                 raise SandboxSetupError("the sandbox did not start within 30 s (or died silently)")
@@ -266,7 +269,7 @@ class Sandbox:
                 self.init_pid = event["pid"]
             elif event["op"] == "ready":
                 self.namespaces = event["namespaces"]
-                return
+                ready = True
             elif event["op"] == "error":
                 error = SandboxUnavailable if event.get("unavailable") else SandboxSetupError
                 raise error(f"cannot create a sandbox over {self.rootfs.tree if self.rootfs else '?'}: "
