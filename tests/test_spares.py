@@ -13,7 +13,7 @@ import pytest
 from pytest_nsbox import Sandbox, SandboxClosed
 from pytest_nsbox.client import Spawner
 
-from .helpers import alive, wait_until
+from .helpers import alive, descendants, wait_until
 
 
 def _processes_named(name: str) -> set[int]:
@@ -78,16 +78,17 @@ OWNER = textwrap.dedent("""
 
 
 def test_spares_die_with_their_owner(alpine_tarball, cache_dir):
-    before = _processes_named("nsbox-monitor") | _processes_named("nsbox-init")
     owner = subprocess.Popen([sys.executable, "-c", OWNER, str(alpine_tarball), str(cache_dir)],
                              stdout=subprocess.PIPE, text=True)
     try:
         spawner = int(owner.stdout.readline())
-        assert wait_until(lambda: len((_processes_named("nsbox-monitor") | _processes_named("nsbox-init")) - before) >= 2)
+        # The spares: monitors (and their inits) below this owner's spawner, and nobody else's.
+        assert wait_until(lambda: len(descendants(spawner)) >= 4)
+        spares = set(descendants(spawner))
         owner.kill()
         owner.wait()
         assert wait_until(lambda: not alive(spawner))
-        assert wait_until(lambda: (_processes_named("nsbox-monitor") | _processes_named("nsbox-init")) - before == set())
+        assert wait_until(lambda: not any(alive(pid) for pid in spares))
     finally:
         owner.kill()
         owner.wait()
