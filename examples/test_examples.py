@@ -40,6 +40,15 @@ def test_the_next_box_is_clean(sandbox):
     assert sandbox.run(["test", "-d", "/etc/apk"]).returncode == 0
 
 
+@pytest.mark.sandbox(pids_max=64)
+def test_a_fork_bomb_stays_in_its_box(sandbox):
+    if sandbox.limits.pids_mechanism == "none":
+        pytest.skip(f"PIDs cannot be capped here: {sandbox.limits.describe()}")
+    with pytest.raises(subprocess.TimeoutExpired):
+        sandbox.run("bomb() { bomb | bomb & }; bomb; sleep 10", timeout=2)
+    assert sandbox.run(["echo", "still here"]).stdout == "still here\n"
+
+
 def test_hung_commands_time_out(sandbox):
     with pytest.raises(subprocess.TimeoutExpired):
         sandbox.run("sleep 60 & sleep 60", timeout=0.5)

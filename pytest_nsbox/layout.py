@@ -41,11 +41,6 @@ class BindSpec:
     def __init__(self, source: str, target: str, rw: bool):
         self.source, self.target, self.rw = source, target, rw
 
-    @staticmethod
-    def source_kind_path(fd: int) -> str:
-        """A path through which the detached clone can still be inspected (stat, isdir)."""
-        return f"/proc/self/fd/{fd}"
-
 
 def build(tree: str, binds: list[BindSpec], host_network: bool, host_root: bool = False) -> None:
     """Make the sandbox's root and pivot into it.  Raises KernelError naming the failed step.
@@ -134,7 +129,8 @@ def _touch(path: str) -> None:
 
 
 def _bind(fd: int, bind: BindSpec) -> None:
-    if os.path.isdir(bind.source_kind_path(fd)):
+    # The detached clone is still reachable through its descriptor: is the source a directory?
+    if os.path.isdir(f"/proc/self/fd/{fd}"):
         os.makedirs(bind.target, 0o755, exist_ok=True)
     else:
         os.makedirs(os.path.dirname(bind.target), 0o755, exist_ok=True)
