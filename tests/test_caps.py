@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from pathlib import Path
 import sys
 import textwrap
 import threading
@@ -291,3 +292,37 @@ def test_parse_size(text, size):
 def test_parse_size_refuses(text):
     with pytest.raises(ValueError):
         parse_size(text)
+
+
+def test_cgroup_files_on_a_fake_v2_tree(tmp_path):
+    """The v2 path cannot run for real on this host (its v2 hierarchy has no pids controller)."""
+    parent = tmp_path / "nsbox"
+    parent.mkdir()
+    plan = CapPlan("cgroup2", {"pids": str(parent), "memory": str(parent)})
+    group = SandboxCgroup.create(plan, 4242, pids_max=64, memory_max=64 << 20)
+    (path,) = set(group.dirs.values())  # one directory for both controllers
+    assert (tmp_path / "nsbox" / os.path.basename(path) / "pids.max").read_text() == "64"
+    assert Path(path, "memory.max").read_text() == str(64 << 20)
+    assert Path(path, "memory.swap.max").read_text() == "0"
+    for name, text in {"pids.current": "3\n", "pids.peak": "64\n", "pids.events": "max 17\n",
+                       "memory.events": "low 0\nhigh 0\nmax 4\noom 1\noom_kill 1\n",
+                       "memory.peak": str(64 << 20)}.items():
+        Path(path, name).write_text(text)
+    assert group.stats() == {"pids_current": 3, "pids_max_hits": 17, "pids_peak": 64,
+                             "oom_kills": 1, "memory_peak": 64 << 20}
+    no_memory = SandboxCgroup.create(plan, 4242, pids_max=64, memory_max=None)
+    assert set(no_memory.dirs) == {"pids"}  # no memory cgroup unless memory is capped
+
+
+def test_stale_cgroups_of_dead_spawners_are_recognised(tmp_path, sandbox):
+    from pytest_nsbox.client import Spawner
+    live = Spawner.get().process.pid  # a running spawner (the sandbox fixture started it)
+    parent = tmp_path / "nsbox"
+    names = {"dead": "nsbox-999999999-abcdef", "reused": f"nsbox-{os.getpid()}-0123ab",
+             "live": f"nsbox-{live}-0123ab", "foreign": "not-ours", "malformed": "nsbox-12-xyz"}
+    for name in names.values():
+        (parent / name).mkdir(parents=True)
+    removed = caps.sweep_stale(CapPlan("cgroup1", {"pids": str(parent)}))
+    # A PID that is gone, or now belongs to a process that is not a spawner, owns nothing.
+    assert sorted(removed) == sorted(str(parent / names[k]) for k in ("dead", "reused"))
+    assert sorted(p.name for p in parent.iterdir()) == sorted(names[k] for k in ("live", "foreign", "malformed"))
