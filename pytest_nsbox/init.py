@@ -11,6 +11,7 @@ kills every process left in its PID namespace: nothing can outlive the sandbox.
 from __future__ import annotations
 
 import errno
+import marshal
 import os
 import resource
 import select
@@ -149,9 +150,7 @@ class Init:
         try:
             pid = self._spawn(message, stdio)
         except OSError as exc:
-            what = "chdir" if exc.filename == message["cwd"] else "exec"
-            text = f"{what} {exc.filename}: {errno.errorcode.get(exc.errno or 0, '?')} ({exc.strerror})"
-            protocol.send(self.sock, {"op": "failed", "id": request_id, "error": f"{exc.errno}:{text}"})
+            self._failed(request_id, *_exec_failure(exc, message["cwd"]))
             return
         self.commands.add(pid)
         protocol.send(self.sock, {"op": "started", "id": request_id, "pid": pid})
@@ -180,10 +179,13 @@ class Init:
             failure = f.read()
         if failure:
             os.waitpid(pid, 0)
-            protocol.send(self.sock, {"op": "failed", "id": request_id, "error": failure.decode()})
+            self._failed(request_id, *marshal.loads(failure))
             return
         self.commands.add(pid)
         protocol.send(self.sock, {"op": "started", "id": request_id, "pid": pid})
+
+    def _failed(self, request_id: int, errno_: int, error: str) -> None:
+        protocol.send(self.sock, {"op": "failed", "id": request_id, "errno": errno_, "error": error})
 
 
 def _which(name: str, path: str) -> str:
@@ -228,12 +230,17 @@ def _exec_child(message: dict[str, Any], stdio: list[int | None], err_w: int) ->
         # Not os.execvpe: it imports `warnings` lazily, and the host's stdlib is gone after pivot_root.
         os.execve(_which(argv[0], env.get("PATH", "")), argv, env)
     except OSError as exc:
-        what = "chdir" if exc.filename == message["cwd"] else "exec"
-        text = f"{what} {exc.filename or message['argv'][0]}: {errno.errorcode.get(exc.errno or 0, '?')} ({exc.strerror})"
-        os.write(err_w, f"{exc.errno}:{text}".encode())
+        os.write(err_w, marshal.dumps(_exec_failure(exc, message["cwd"])))
     except BaseException as exc:  # noqa: BLE001 - report whatever stopped us, then leave
-        os.write(err_w, f"0:{exc!r}".encode())
+        os.write(err_w, marshal.dumps((0, repr(exc))))
     os._exit(127)
+
+
+def _exec_failure(exc: OSError, cwd: str) -> tuple[int, str]:
+    """(errno, sentence) for a command that could not be started."""
+    what = "chdir" if exc.filename == cwd else "exec"
+    name = errno.errorcode.get(exc.errno or 0, "?")
+    return exc.errno or 0, f"{what} {exc.filename}: {name} ({exc.strerror})"
 
 
 def _session_members(sid: int) -> list[int]:

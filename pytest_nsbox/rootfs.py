@@ -231,28 +231,38 @@ class RootfsStore:
         except OSError as exc:
             raise RootfsError(f"cannot create the rootfs cache {self.trees}: {exc.strerror}; choose "
                               "another with --nsbox-cache-dir or NSBOX_CACHE_DIR") from None
-        with FileLock(str(tree) + ".lock"):
-            if tree.is_dir():
-                return tree
-            # We hold the entry's lock: any temp file of this entry is a killed process's leftover.
-            for stale in self.trees.glob(f"{tree.name}.tmp-*"):
-                remove_tree(stale) if stale.is_dir() else stale.unlink()
-            tarball = self.trees / f"{tree.name}.tmp-{os.getpid()}.tar"
-            staging = self.trees / f"{tree.name}.tmp-{os.getpid()}"
-            try:
-                produce(tarball)
-                if file_sha256(tarball) != digest:
-                    raise RootfsError(f"{meta['source']} changed while it was being cached; try again")
-                staging.mkdir()
-                archive.extract(tarball, staging)
-                meta = {**meta, "digest": digest, "created": time.time(), "size": _tree_size(staging)}
-                _write_json(self.trees / f"{tree.name}.json", meta)
-                os.rename(staging, tree)
-            finally:
-                if tarball.exists():
-                    tarball.unlink()
-                if staging.exists():
-                    remove_tree(staging)
+        try:
+            with FileLock(str(tree) + ".lock"):
+                return self._materialize_locked(tree, digest, produce, meta)
+        except OSError as exc:
+            # A full disk or an unwritable cache, not a bug: say where, and what to do.
+            raise RootfsError(f"cannot cache {meta['source']} in {self.trees}: {exc.strerror or exc} "
+                              f"({exc.filename or 'while extracting'}); free some space or choose "
+                              "another cache with --nsbox-cache-dir or NSBOX_CACHE_DIR") from None
+
+    def _materialize_locked(self, tree: Path, digest: str, produce: Callable[[Path], None],
+                            meta: dict) -> Path:
+        if tree.is_dir():
+            return tree
+        # We hold the entry's lock: any temp file of this entry is a killed process's leftover.
+        for stale in self.trees.glob(f"{tree.name}.tmp-*"):
+            remove_tree(stale) if stale.is_dir() else stale.unlink()
+        tarball = self.trees / f"{tree.name}.tmp-{os.getpid()}.tar"
+        staging = self.trees / f"{tree.name}.tmp-{os.getpid()}"
+        try:
+            produce(tarball)
+            if file_sha256(tarball) != digest:
+                raise RootfsError(f"{meta['source']} changed while it was being cached; try again")
+            staging.mkdir()
+            archive.extract(tarball, staging)
+            meta = {**meta, "digest": digest, "created": time.time(), "size": _tree_size(staging)}
+            _write_json(self.trees / f"{tree.name}.json", meta)
+            os.rename(staging, tree)
+        finally:
+            if tarball.exists():
+                tarball.unlink()
+            if staging.exists():
+                remove_tree(staging)
         return tree
 
     def _resolutions(self) -> dict:

@@ -38,7 +38,6 @@ class CommandRecord:
     args: Command
     returncode: int | None = None
     stderr_tail: str = ""
-    timed_out: bool = False
     duration: float = 0.0
     exit: ExitInfo | None = None
 
@@ -86,11 +85,6 @@ class ExitInfo:
         if self.pids_cap_hit and self.reason != "pids":
             text += "; hit pids_max"
         return text
-
-
-@dataclass
-class _Exit:
-    returncode: int
 
 
 class _Channel:
@@ -340,7 +334,7 @@ class Sandbox:
             if reply.get("expired"):
                 channel.expired = True
                 self._live_channel()  # raises SandboxClosed, naming the lifetime
-            raise _exec_error(reply["error"], argv)
+            raise _exec_error(reply.get("errno", 0), reply["error"], argv)
         record = CommandRecord(args)
         self.history.append(record)
         process = SandboxProcess(self, channel, reply["pid"], args, streams, text, record)
@@ -551,7 +545,6 @@ class SandboxProcess:
         """Kill every process the command started, wait for it, and keep its output for the report."""
         self.kill()
         self.wait(timeout=_CLOSE_TIMEOUT)
-        self._record.timed_out = True
 
     def _feed(self, poller: select.poll, fd: int, data: bytes) -> bytes:
         try:
@@ -673,13 +666,10 @@ def _argv(args: Command) -> list[str]:
     return argv
 
 
-def _exec_error(error: str, argv: list[str]) -> OSError:
+def _exec_error(code: int, text: str, argv: list[str]) -> OSError:
     """A failed exec becomes the same exception subprocess would raise (FileNotFoundError...)."""
-    number, _, text = error.partition(":")
-    code = int(number) if number.isdigit() else 0
     if code:
-        exc = OSError(code, f"{os.strerror(code)} in the sandbox: {text}", argv[0])
-        return exc
+        return OSError(code, f"{os.strerror(code)} in the sandbox: {text}", argv[0])
     return SandboxSetupError(f"cannot start {argv!r} in the sandbox: {text}")
 
 

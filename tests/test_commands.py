@@ -156,3 +156,16 @@ def test_sandbox_lifetime_timeout(sandbox):
     assert process.wait(timeout=5) == -signal.SIGKILL
     with pytest.raises(SandboxClosed, match="lifetime"):
         sandbox.run(["true"])
+
+
+@pytest.mark.parametrize("memory_max", [None, "256M"], ids=["spawn", "rlimit-fork"])
+def test_exec_failures_are_the_errors_subprocess_raises(sandbox_factory, memory_max):
+    # With memory_max and no cgroup, init forks to set RLIMIT_AS: both start paths must agree.
+    box = sandbox_factory(memory_max=memory_max)
+    with pytest.raises(FileNotFoundError, match="no-such-program"):
+        box.run(["no-such-program"])
+    box.write_file("/usr/local/bin/not-executable", "#!/bin/sh\n", mode=0o644)
+    with pytest.raises(PermissionError):
+        box.run(["/usr/local/bin/not-executable"])
+    with pytest.raises(FileNotFoundError, match="/nowhere"):
+        box.run(["true"], cwd="/nowhere")

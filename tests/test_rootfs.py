@@ -109,3 +109,13 @@ def test_not_a_tarball_is_a_clear_error(tmp_path):
     bogus.write_bytes(b"not a tarball")
     with pytest.raises(RootfsError, match="not a readable tarball"):
         resolve(bogus, tmp_path / "cache")
+
+
+def test_unusable_cache_is_a_sentence_not_a_traceback(alpine_tarball, tmp_path):
+    from pytest_nsbox import RootfsError, rootfs
+    digest = rootfs.file_sha256(alpine_tarball)
+    lock = tmp_path / "trees" / f"sha256-{digest}.lock"
+    lock.mkdir(parents=True)  # the entry's lock cannot be opened, even by root
+    rootfs._default_stores.clear()
+    with pytest.raises(RootfsError, match=r"cannot cache .* choose another cache with --nsbox-cache-dir"):
+        resolve(alpine_tarball, tmp_path)
