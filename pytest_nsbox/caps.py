@@ -2,9 +2,10 @@
 
 Mechanisms, best first:
 
-``cgroup2``   a cgroup v2 parent we may write: `<cgroup2 mount>/nsbox` as root, or the delegated
-              directory named by NSBOX_CGROUP_PARENT (e.g. inside a systemd scope with
-              Delegate=yes).  One child cgroup per sandbox; `cgroup.kill` ends it at once.
+``cgroup2``   a cgroup v2 parent we may write: `<cgroup2 mount>/nsbox` as root; for a normal user
+              the systemd scope with Delegate=yes that the spawner was started in (systemd.py),
+              or a delegated directory named by NSBOX_CGROUP_PARENT.  One child cgroup per
+              sandbox; `cgroup.kill` ends it at once.
 ``cgroup1``   the v1 `pids` (and `memory`) hierarchies where writable (root on hybrid hosts).
 ``rlimit``    RLIMIT_NPROC inside the sandbox's own user namespace, counted per user namespace since
               Linux 5.14; RLIMIT_AS caps memory per process.  The kernel exempts host root from
@@ -37,12 +38,15 @@ PARENT_NAME = "nsbox"
 class CapPlan:
     """The mechanism this spawner uses, and where its cgroups go."""
 
-    __slots__ = ("mechanism", "parents", "note")
+    __slots__ = ("mechanism", "parents", "note", "owns_parents")
 
-    def __init__(self, mechanism: str, parents: dict[str, str] | None = None, note: str = ""):
+    def __init__(self, mechanism: str, parents: dict[str, str] | None = None, note: str = "",
+                 owns_parents: bool = True):
         self.mechanism = mechanism          # cgroup2 | cgroup1 | rlimit | none
         self.parents = dict(parents or {})  # controller -> parent cgroup dir
         self.note = note
+        # False for a scope or a directory the user delegated: not ours to remove.
+        self.owns_parents = owns_parents
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, CapPlan) and self.to_json() == other.to_json()
@@ -69,16 +73,18 @@ class CapPlan:
         return text + (f" ({self.note})" if self.note else "")
 
     def to_json(self) -> dict[str, Any]:
-        return {"mechanism": self.mechanism, "parents": self.parents, "note": self.note}
+        return {"mechanism": self.mechanism, "parents": self.parents, "note": self.note,
+                "owns_parents": self.owns_parents}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> CapPlan:
-        return cls(data["mechanism"], dict(data.get("parents", {})), data.get("note", ""))
+        return cls(data["mechanism"], dict(data.get("parents", {})), data.get("note", ""),
+                   data.get("owns_parents", True))
 
 
 # -- choosing a mechanism ------------------------------------------------------------------------
 def detect(euid: int | None = None, mountinfo: str | None = None,
-           environ: dict[str, str] | None = None) -> CapPlan:
+           environ: dict[str, str] | None = None, proc_cgroup: str | None = None) -> CapPlan:
     """Pick the best mechanism this process can use.  Arguments exist for tests on fake trees.
 
     `euid` is the *host* uid: the kernel exempts the processes of host uid 0 from RLIMIT_NPROC,
@@ -89,17 +95,28 @@ def detect(euid: int | None = None, mountinfo: str | None = None,
     environ = dict(os.environ) if environ is None else environ
     v2_root, v1_roots = cgroup_mounts(mountinfo)
     reasons = []
+    # Why a cgroup that was asked for (a systemd scope, NSBOX_CGROUP_PARENT) is not used: worth
+    # saying whatever mechanism we end up with.
+    notable = [environ["NSBOX_SCOPE_NOTE"]] if environ.get("NSBOX_SCOPE_NOTE") else []
 
+    candidates = []  # (parent, note, ours to remove)
+    unit = environ.get("NSBOX_SCOPE_UNIT")
+    if unit and v2_root:
+        try:
+            candidates.append((enter_scope(v2_root, unit, proc_cgroup), f"systemd scope {unit}", False))
+        except OSError as exc:
+            notable.append(f"cannot use the systemd scope {unit}: {exc.strerror or exc}")
     delegated = environ.get("NSBOX_CGROUP_PARENT")
-    candidates = [delegated] if delegated else []
+    if delegated:
+        candidates.append((delegated, "NSBOX_CGROUP_PARENT", False))
     if euid == 0 and v2_root:
-        candidates.append(os.path.join(v2_root, PARENT_NAME))
-    for parent in candidates:
+        candidates.append((os.path.join(v2_root, PARENT_NAME), "", True))
+    for parent, note, ours in candidates:
         why = _prepare_v2_parent(parent)
         if why is None:
-            return CapPlan("cgroup2", {"pids": parent, "memory": parent}
-                           if "memory" in _enabled(parent) else {"pids": parent})
-        reasons.append(why)
+            controllers = ("pids", "memory") if "memory" in _enabled(parent) else ("pids",)
+            return CapPlan("cgroup2", dict.fromkeys(controllers, parent), note, ours)
+        (reasons if ours else notable).append(why)
 
     parents = {}
     for controller in ("pids", "memory"):
@@ -112,11 +129,30 @@ def detect(euid: int | None = None, mountinfo: str | None = None,
             except OSError as exc:
                 reasons.append(f"cannot create {parent}: {exc.strerror}")
     if "pids" in parents:
-        return CapPlan("cgroup1", parents)
+        return CapPlan("cgroup1", parents, note="; ".join(notable))
     if euid != 0:
-        return CapPlan("rlimit", note="no writable cgroup")
+        return CapPlan("rlimit", note="; ".join(notable + reasons) or "no writable cgroup")
     reasons.append("no writable cgroup with the pids controller, and RLIMIT_NPROC does not bind root")
-    return CapPlan("none", note="; ".join(reasons))
+    return CapPlan("none", note="; ".join(notable + reasons))
+
+
+def enter_scope(v2_root: str, unit: str, proc_cgroup: str | None = None) -> str:
+    """Move this process into a leaf of the scope it was started in; return the scope's directory.
+
+    Controllers can be enabled below a cgroup only while no process sits in it directly, so the
+    spawner steps aside into `<scope>/spawner` and its sandboxes' cgroups become its siblings.
+    """
+    proc_cgroup = _read("/proc/self/cgroup") if proc_cgroup is None else proc_cgroup
+    own = next((line[3:] for line in proc_cgroup.splitlines() if line.startswith("0::")), "")
+    scope = os.path.join(v2_root, own.lstrip("/"))
+    if os.path.basename(scope) != unit:
+        raise OSError(errno.ESRCH, f"this process is in {own or 'no v2 cgroup'}, not in {unit}")
+    leaf = os.path.join(scope, "spawner")
+    if not os.path.isdir(leaf):
+        os.mkdir(leaf)
+    with open(os.path.join(leaf, "cgroup.procs"), "w") as f:
+        f.write(str(os.getpid()))
+    return scope
 
 
 def host_uid(uid_map: str | None = None) -> int:
@@ -302,9 +338,9 @@ def destroy_dirs(dirs: list[str], version: int) -> None:
 
 def remove_parents(plan: CapPlan) -> None:
     """Remove the shared `nsbox` parents if no other session uses them (EBUSY otherwise)."""
+    if not plan.owns_parents:
+        return  # a systemd scope (systemd removes it) or the user's own delegated cgroup
     for parent in dict.fromkeys(plan.parents.values()):
-        if os.environ.get("NSBOX_CGROUP_PARENT") == parent:
-            continue  # the user's own delegated cgroup, not ours to remove
         try:
             os.rmdir(parent)
         except OSError:

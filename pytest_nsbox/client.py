@@ -10,18 +10,20 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
 
-from . import protocol
+from . import protocol, systemd
 from .caps import CapPlan
 from .errors import SandboxSetupError, SandboxUnavailable
 
 _Popen = subprocess.Popen
 _DEVNULL = subprocess.DEVNULL
 _PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
+_HANDSHAKE_TIMEOUT = 30.0
 _BOOT = ("import sys; sys.path.insert(0, {path!r}); "
          "from pytest_nsbox.spawner import main; main({fd})")
 
@@ -43,23 +45,63 @@ class Spawner:
     def __init__(self) -> None:
         if sys.platform != "linux":
             raise SandboxUnavailable(f"pytest-nsbox needs Linux namespaces; this is {sys.platform}")
+        self.owner_pid = os.getpid()
+        self.lock = threading.Lock()
+        decision = systemd.decide()
+        env = dict(os.environ)
+        if decision.scope is not None:
+            try:
+                self._start(decision.scope.argv, {**env, systemd.UNIT_ENV: decision.scope.unit},
+                            handshake=True)
+                return
+            except SandboxUnavailable as exc:
+                decision = systemd.Decision(None, f"systemd-run --user --scope failed: {exc}")
+        if decision.reason:
+            env[systemd.NOTE_ENV] = decision.reason  # for the header: why caps fell back
+        self._start((), env, handshake=False)
+
+    def _start(self, prefix: tuple[str, ...], env: dict[str, str], handshake: bool) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         code = _BOOT.format(path=_PACKAGE_PARENT, fd=theirs.fileno())
         debug = bool(os.environ.get("NSBOX_DEBUG"))
+        # A wrapper's complaints (systemd-run's) are kept to explain a failed start.
+        errors = tempfile.TemporaryFile() if handshake and not debug else None
         try:
             # -I -S: no site-packages, no user site, no environment: a small, predictable process.
-            self.process = _Popen([sys.executable, "-I", "-S", "-B", "-c", code],
-                                  pass_fds=[theirs.fileno()], stdin=_DEVNULL,
+            self.process = _Popen([*prefix, sys.executable, "-I", "-S", "-B", "-c", code],
+                                  pass_fds=[theirs.fileno()], stdin=_DEVNULL, env=env,
                                   stdout=None if debug else _DEVNULL,
-                                  stderr=None if debug else _DEVNULL,
+                                  stderr=None if debug else (errors or _DEVNULL),
                                   start_new_session=True)
         except OSError as exc:
-            raise SandboxUnavailable(f"cannot start the sandbox spawner {sys.executable}: {exc}") from None
+            raise SandboxUnavailable(f"cannot start the sandbox spawner "
+                                     f"{prefix[0] if prefix else sys.executable}: {exc}") from None
         finally:
             theirs.close()
         self.sock = ours
-        self.owner_pid = os.getpid()
-        self.lock = threading.Lock()
+        if not handshake:
+            return
+        ours.settimeout(_HANDSHAKE_TIMEOUT)  # systemd-run waits on D-Bus, which may never answer
+        try:
+            self.request({"op": "hello"})
+        except SandboxUnavailable:
+            hung = self.process.poll() is None
+            if hung:
+                self.process.kill()
+            self.process.wait()
+            ours.close()
+            said = b""
+            if errors is not None:
+                errors.seek(0)
+                said = errors.read(4096).strip()
+            if said:
+                raise SandboxUnavailable(said.decode(errors="replace").splitlines()[-1]) from None
+            raise SandboxUnavailable(f"no answer within {_HANDSHAKE_TIMEOUT:g} s" if hung
+                                     else f"exit status {self.process.returncode}") from None
+        finally:
+            if errors is not None:
+                errors.close()
+        ours.settimeout(None)
 
     def alive(self) -> bool:
         return self.process.poll() is None

@@ -82,6 +82,8 @@ class Spawner:
         op = message["op"]
         if op == "create":
             self.create(message["spec"])
+        elif op == "hello":
+            protocol.send(self.control, {"op": "hello", "caps": self.plan.to_json()})
         elif op == "probe":
             protocol.send(self.control, {"op": "probed", "caps": self.plan.to_json(),
                                          **probe(message.get("network", "none"))})
