@@ -115,7 +115,8 @@ def detect(euid: int | None = None, mountinfo: str | None = None,
         why = _prepare_v2_parent(parent)
         if why is None:
             controllers = ("pids", "memory") if "memory" in _enabled(parent) else ("pids",)
-            return CapPlan("cgroup2", dict.fromkeys(controllers, parent), note, ours)
+            return CapPlan("cgroup2", dict.fromkeys(controllers, parent),
+                           "; ".join(filter(None, [note, *notable])), ours)
         (reasons if ours else notable).append(why)
 
     parents = {}
