@@ -14,7 +14,7 @@ import tempfile
 import threading
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 from . import protocol, systemd
 from .caps import CapPlan
@@ -85,23 +85,26 @@ class Spawner:
         try:
             self.request({"op": "hello"})
         except SandboxUnavailable:
-            hung = self.process.poll() is None
-            if hung:
-                self.process.kill()
-            self.process.wait()
-            ours.close()
-            said = b""
-            if errors is not None:
-                errors.seek(0)
-                said = errors.read(4096).strip()
-            if said:
-                raise SandboxUnavailable(said.decode(errors="replace").splitlines()[-1]) from None
-            raise SandboxUnavailable(f"no answer within {_HANDSHAKE_TIMEOUT:g} s" if hung
-                                     else f"exit status {self.process.returncode}") from None
+            raise SandboxUnavailable(self._failed_start(errors)) from None
         finally:
             if errors is not None:
                 errors.close()
         ours.settimeout(None)
+
+    def _failed_start(self, errors: IO[bytes] | None) -> str:
+        """End a spawner that never said hello, and say why: its wrapper's last words if any."""
+        hung = self.process.poll() is None
+        if hung:
+            self.process.kill()
+        self.process.wait()
+        self.sock.close()
+        said = b""
+        if errors is not None:
+            errors.seek(0)
+            said = errors.read(4096).strip()
+        if said:
+            return said.decode(errors="replace").splitlines()[-1]
+        return f"no answer within {_HANDSHAKE_TIMEOUT:g} s" if hung else f"exit status {self.process.returncode}"
 
     def alive(self) -> bool:
         return self.process.poll() is None

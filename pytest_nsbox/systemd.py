@@ -65,10 +65,16 @@ def decide(environ: Mapping[str, str] | None = None, uid: int | None = None,
     if v2_root is None or "pids" not in read_text(os.path.join(v2_root, "cgroup.controllers")).split():
         return Decision(None)
     runtime_dir = environ.get("XDG_RUNTIME_DIR", "")
-    if not runtime_dir or not os.path.exists(os.path.join(runtime_dir, "systemd", "private")):
+    if not runtime_dir:
+        return Decision(None, "no systemd user session (XDG_RUNTIME_DIR is not set)")
+    try:
         # systemd-run --user talks to the user's manager over this socket.
-        return Decision(None, "no systemd user instance ($XDG_RUNTIME_DIR/systemd/private is missing)"
-                              if runtime_dir else "no systemd user session (XDG_RUNTIME_DIR is not set)")
+        owner = os.stat(os.path.join(runtime_dir, "systemd", "private")).st_uid
+    except OSError:
+        return Decision(None, "no systemd user instance ($XDG_RUNTIME_DIR/systemd/private is missing)")
+    if owner != os.getuid():
+        # `su` without a login keeps the previous user's variables.
+        return Decision(None, f"XDG_RUNTIME_DIR {runtime_dir} belongs to another user (su without -l?)")
     systemd_run = which("systemd-run")
     if systemd_run is None:
         return Decision(None, "systemd-run is not on PATH")

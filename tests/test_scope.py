@@ -92,6 +92,18 @@ def test_a_missing_piece_is_named(systemd_host, environ, which, reason):
     assert fnmatch.fnmatch(decision.reason, reason)
 
 
+def test_another_users_session_is_not_tried(systemd_host, tmp_path):
+    """`su` without a login keeps XDG_RUNTIME_DIR: systemd-run would knock on the wrong door."""
+    private = Path(systemd_host["environ"]["XDG_RUNTIME_DIR"], "systemd", "private")
+    if os.getuid() == 0:
+        os.chown(private, 12345, 12345)
+    else:
+        private.unlink()
+        private.symlink_to("/etc/passwd")  # root's
+    decision = systemd.decide(uid=1000, which=_which, **systemd_host)
+    assert decision.scope is None and "belongs to another user (su without -l?)" in decision.reason
+
+
 # -- the spawner in its scope ----------------------------------------------------------------------
 def _scope_tree(tmp_path: Path) -> tuple[Path, Path]:
     root = tmp_path / "cgroup"
