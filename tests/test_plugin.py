@@ -37,31 +37,22 @@ def test_marker_on_class_and_module_applies(pytester):
     pytester.runpytest_subprocess().assert_outcomes(passed=2)
 
 
-def test_unknown_marker_key_fails_naming_test_key_and_allowed(pytester):
-    pytester.makepyfile(textwrap.dedent("""
+@pytest.mark.parametrize("marker, message", [
+    ('netwrok="none"', "*test_bad*unknown sandbox setting 'netwrok'*allowed: rootfs*network*"),
+    ('network="internet"', "*test_bad*bad value for 'network': 'internet'; allowed: 'none' or 'host'*"),
+])
+def test_bad_marker_fails_naming_test_and_setting(pytester, marker, message):
+    pytester.makepyfile(textwrap.dedent(f"""
         import pytest
 
-        @pytest.mark.sandbox(netwrok="none")
-        def test_typo(sandbox):
-            pass
-    """))
-    result = pytester.runpytest_subprocess()
-    result.assert_outcomes(errors=1)
-    result.stdout.fnmatch_lines(["*test_typo*unknown sandbox setting 'netwrok'*allowed: rootfs*network*"])
-    assert "Traceback" not in result.stdout.str()
-
-
-def test_bad_marker_value_fails_naming_key(pytester):
-    pytester.makepyfile(textwrap.dedent("""
-        import pytest
-
-        @pytest.mark.sandbox(network="internet")
+        @pytest.mark.sandbox({marker})
         def test_bad(sandbox):
             pass
     """))
     result = pytester.runpytest_subprocess()
     result.assert_outcomes(errors=1)
-    result.stdout.fnmatch_lines(["*test_bad*bad value for 'network': 'internet'; allowed: 'none' or 'host'*"])
+    result.stdout.fnmatch_lines([message])
+    assert "Traceback" not in result.stdout.str()
 
 
 def test_marker_is_registered_for_strict_markers(pytester):
