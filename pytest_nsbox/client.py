@@ -6,6 +6,7 @@ unittest.mock) never intercept sandboxes.
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 import subprocess
@@ -24,6 +25,7 @@ _Popen = subprocess.Popen
 _DEVNULL = subprocess.DEVNULL
 _PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
 _HANDSHAKE_TIMEOUT = 30.0
+_CLOSE_TIMEOUT = 5.0
 _BOOT = ("import sys; sys.path.insert(0, {path!r}); "
          "from pytest_nsbox.spawner import main; main({fd})")
 
@@ -109,6 +111,14 @@ class Spawner:
     def alive(self) -> bool:
         return self.process.poll() is None
 
+    def close(self, timeout: float = _CLOSE_TIMEOUT) -> None:
+        """Let the spawner end its sandboxes and leave; reap it, so that not even a zombie stays."""
+        self.sock.close()  # EOF: the spawner shuts down
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass  # it finishes on its own; the process is not worth blocking the exit for
+
     def request(self, message: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
         with self.lock:
             try:
@@ -137,6 +147,13 @@ class Spawner:
     def probe(self, network: str = "none") -> Probe:
         reply, _ = self.request({"op": "probe", "network": network})
         return Probe(bool(reply["ok"]), reply.get("error", ""), CapPlan.from_json(reply["caps"]))
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    spawner = Spawner._instance
+    if spawner is not None and spawner.owner_pid == os.getpid():
+        spawner.close()
 
 
 @dataclass(frozen=True)

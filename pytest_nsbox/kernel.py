@@ -57,6 +57,7 @@ _LOCKED_STATVFS_TO_MS = {
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
 PR_SET_NAME = 15
+PR_SET_CHILD_SUBREAPER = 36
 
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "loongarch64": 41, "ppc64le": 203,
                    "s390x": 217, "i686": 217, "i386": 217, "armv7l": 218, "armv6l": 218}
@@ -250,6 +251,11 @@ def prctl(option: int, arg: int = 0) -> None:
 
 def set_parent_death_signal(sig: int) -> None:
     prctl(PR_SET_PDEATHSIG, sig)
+
+
+def become_subreaper() -> None:
+    """Orphaned descendants are reparented to us instead of to the host's PID 1."""
+    prctl(PR_SET_CHILD_SUBREAPER, 1)
 
 
 def set_dumpable(flag: bool) -> None:

@@ -53,6 +53,7 @@ class Spawner:
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.plan = caps.detect()
         caps.sweep_stale(self.plan)
+        self.monitors: set[int] = set()
         self.cgroups: dict[int, caps.SandboxCgroup] = {}  # monitor pid -> its sandbox's cgroup
         # Sandboxes prebuilt for the spec last asked for: per-test sandboxes tend to repeat their
         # spec, so the next ones are built while the current test runs.  Two, so that with quick
@@ -133,6 +134,7 @@ class Spawner:
             self._become_child()
             monitor(theirs, spec, self.pid)
         theirs.close()
+        self.monitors.add(pid)
         if cgroup:
             self.cgroups[pid] = cgroup
         return ours, {"op": "created", "monitor": pid, "caps": self.plan.to_json(),
@@ -151,34 +153,41 @@ class Spawner:
     def shutdown(self) -> None:
         """The owner is gone: end every sandbox and remove every cgroup we made, then leave.
 
-        Monitors would die with us anyway (PDEATHSIG), but their cgroups would stay behind.
+        Monitors would die with us anyway (PDEATHSIG), but their cgroups would stay behind, and
+        they and their inits would linger as zombies until the host's PID 1 reaps them.  As a
+        subreaper we inherit each init whose monitor is killed, so when wait() says there are no
+        children left, nothing of any sandbox is left either.
         """
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         self.drop_spares()
-        for pid in self.cgroups:
+        for pid in self.monitors:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        for pid, cgroup in self.cgroups.items():
+        while True:
             try:
-                os.waitpid(pid, 0)
+                pid, _status = os.wait()
             except ChildProcessError:
-                pass
-            try:
-                cgroup.destroy()
-            except OSError:
-                pass
+                break
+            self._destroy_cgroup_of(pid)
+        for pid in list(self.cgroups):
+            self._destroy_cgroup_of(pid)
         caps.remove_parents(self.plan)
 
     def reap(self) -> None:
         for pid, _status in kernel.reap_children():
-            cgroup = self.cgroups.pop(pid, None)
-            if cgroup:
-                try:
-                    cgroup.destroy()
-                except OSError:
-                    pass  # the next session's sweep retries
+            self._destroy_cgroup_of(pid)
+
+    def _destroy_cgroup_of(self, pid: int) -> None:
+        """A monitor (or an inherited init) was reaped: its sandbox is gone, and so is its cgroup."""
+        self.monitors.discard(pid)
+        cgroup = self.cgroups.pop(pid, None)
+        if cgroup:
+            try:
+                cgroup.destroy()
+            except OSError:
+                pass  # the next session's sweep retries
 
 
 def _prefork_depth() -> int:
@@ -256,6 +265,7 @@ def main(control_fd: int) -> None:
     control = socket.socket(fileno=control_fd)
     try:
         kernel.set_process_name("nsbox-spawner")
+        kernel.become_subreaper()
         Spawner(control).serve()
     except BaseException as exc:  # noqa: BLE001 - tell the owner why, instead of dying silently
         try:

@@ -83,6 +83,41 @@ def test_sandbox_dies_with_its_owner(sig, alpine_tarball, cache_dir):
         owner.stderr.close()
 
 
+EXITING_OWNER = textwrap.dedent("""
+    import sys
+    from pytest_nsbox import Sandbox, client
+    box = Sandbox(rootfs=sys.argv[1], cache_dir=sys.argv[2]).start()  # and two spares behind it
+    box.spawn(["sleep", "300"])
+    print(client.Spawner.get().process.pid, flush=True)
+    sys.stdin.readline()
+    # Exits with the sandbox still open.
+""")
+
+
+def _descendants(pid: int) -> set[int]:
+    found = set()
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(c) for c in f.read().split()]
+    except OSError:
+        return found
+    for child in children:
+        found |= {child} | _descendants(child)
+    return found
+
+
+def test_an_exiting_owner_leaves_not_even_a_zombie(alpine_tarball, cache_dir):
+    """By the time the owner has exited, its spawner, monitors and inits are dead *and reaped*."""
+    owner = subprocess.Popen([sys.executable, "-c", EXITING_OWNER, str(alpine_tarball), str(cache_dir)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    spawner = int(owner.stdout.readline())
+    assert wait_until(lambda: len(_descendants(spawner)) >= 6)  # 3 sandboxes: monitor, init each
+    ours = {spawner} | _descendants(spawner)
+    owner.communicate("\n", timeout=30)
+    assert owner.returncode == 0
+    assert [pid for pid in ours if os.path.exists(f"/proc/{pid}")] == []
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
 def test_pytest_killed_mid_test_leaves_nothing(pytester, sig):
     pytester.makepyfile(textwrap.dedent("""

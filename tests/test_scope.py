@@ -157,8 +157,7 @@ def wrapped_spawner(monkeypatch):
 
     yield start
     for spawner in started:
-        spawner.sock.close()  # EOF: the spawner ends its sandboxes and exits
-        spawner.process.wait(timeout=10)
+        spawner.close()
 
 
 def test_a_failing_systemd_run_falls_back_with_its_message(wrapped_spawner):
