@@ -61,8 +61,11 @@ class CapPlan:
         return "rlimit"  # RLIMIT_AS works for everyone
 
     def describe(self) -> str:
+        note = self.note
         if self.mechanism in ("cgroup2", "cgroup1"):
             where = self.parents.get("pids", "")
+            if note.startswith("systemd scope "):
+                where, _, note = note.partition("; ")  # the unit says more than its long path
             text = f"PIDs capped by {self.mechanism} ({where})"
         elif self.mechanism == "rlimit":
             text = "PIDs capped by RLIMIT_NPROC in the sandbox's user namespace"
@@ -70,7 +73,7 @@ class CapPlan:
             text = "PIDs NOT capped"
         memory = "cgroup" if self.memory_mechanism.startswith("cgroup") else "RLIMIT_AS per process"
         text += f"; memory capped by {memory}"
-        return text + (f" ({self.note})" if self.note else "")
+        return text + (f" ({note})" if note else "")
 
     def to_json(self) -> dict[str, Any]:
         return {"mechanism": self.mechanism, "parents": self.parents, "note": self.note,

@@ -130,6 +130,7 @@ def test_the_scope_becomes_the_parent_of_every_sandbox_cgroup(tmp_path):
     assert plan.mechanism == "cgroup2"
     assert plan.parents == {"pids": str(scope), "memory": str(scope)}
     assert plan.note == f"systemd scope {UNIT}"
+    assert plan.describe() == f"PIDs capped by cgroup2 (systemd scope {UNIT}); memory capped by cgroup"
     assert not plan.owns_parents  # systemd removes the scope, not us
 
 
