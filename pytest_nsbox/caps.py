@@ -33,6 +33,10 @@ if TYPE_CHECKING:
     from typing import Any
 
 PARENT_NAME = "nsbox"
+# Set by the test process for the spawner (see systemd.py): the scope it was started in, or why a
+# scope was wanted but could not be had.
+SCOPE_UNIT_ENV = "NSBOX_SCOPE_UNIT"
+SCOPE_NOTE_ENV = "NSBOX_SCOPE_NOTE"
 
 
 class CapPlan:
@@ -100,10 +104,10 @@ def detect(euid: int | None = None, mountinfo: str | None = None,
     reasons = []
     # Why a cgroup that was asked for (a systemd scope, NSBOX_CGROUP_PARENT) is not used: worth
     # saying whatever mechanism we end up with.
-    notable = [environ["NSBOX_SCOPE_NOTE"]] if environ.get("NSBOX_SCOPE_NOTE") else []
+    notable = [environ[SCOPE_NOTE_ENV]] if environ.get(SCOPE_NOTE_ENV) else []
 
     candidates = []  # (parent, note, ours to remove)
-    unit = environ.get("NSBOX_SCOPE_UNIT")
+    unit = environ.get(SCOPE_UNIT_ENV)
     if unit and v2_root:
         try:
             candidates.append((enter_scope(v2_root, unit, proc_cgroup), f"systemd scope {unit}", False))

@@ -53,8 +53,7 @@ class Spawner:
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.plan = caps.detect()
         caps.sweep_stale(self.plan)
-        self.monitors: set[int] = set()
-        self.cgroups: dict[int, caps.SandboxCgroup] = {}  # monitor pid -> its sandbox's cgroup
+        self.monitors: dict[int, caps.SandboxCgroup | None] = {}  # pid -> its sandbox's cgroup
         # Sandboxes prebuilt for the spec last asked for: per-test sandboxes tend to repeat their
         # spec, so the next ones are built while the current test runs.  Two, so that with quick
         # tests two builds overlap on a second core.
@@ -134,9 +133,7 @@ class Spawner:
             self._become_child()
             monitor(theirs, spec, self.pid)
         theirs.close()
-        self.monitors.add(pid)
-        if cgroup:
-            self.cgroups[pid] = cgroup
+        self.monitors[pid] = cgroup
         return ours, {"op": "created", "monitor": pid, "caps": self.plan.to_json(),
                       "cgroup": cgroup.dirs if cgroup else None,
                       "cgroup_version": cgroup.version if cgroup else None}
@@ -170,19 +167,16 @@ class Spawner:
                 pid, _status = os.wait()
             except ChildProcessError:
                 break
-            self._destroy_cgroup_of(pid)
-        for pid in list(self.cgroups):
-            self._destroy_cgroup_of(pid)
+            self._forget(pid)
         caps.remove_parents(self.plan)
 
     def reap(self) -> None:
         for pid, _status in kernel.reap_children():
-            self._destroy_cgroup_of(pid)
+            self._forget(pid)
 
-    def _destroy_cgroup_of(self, pid: int) -> None:
+    def _forget(self, pid: int) -> None:
         """A monitor (or an inherited init) was reaped: its sandbox is gone, and so is its cgroup."""
-        self.monitors.discard(pid)
-        cgroup = self.cgroups.pop(pid, None)
+        cgroup = self.monitors.pop(pid, None)
         if cgroup:
             try:
                 cgroup.destroy()

@@ -23,12 +23,12 @@ import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .caps import cgroup_mounts, host_uid
+from .caps import SCOPE_NOTE_ENV, SCOPE_UNIT_ENV, cgroup_mounts, host_uid
 from .kernel import read_text
 
 SWITCH = "NSBOX_SYSTEMD_SCOPE"  # off | no | 0: never start the spawner in a scope
-UNIT_ENV = "NSBOX_SCOPE_UNIT"    # tells the spawner which scope it was started in
-NOTE_ENV = "NSBOX_SCOPE_NOTE"    # tells the spawner why a scope was wanted but could not be had
+UNIT_ENV = SCOPE_UNIT_ENV       # tells the spawner which scope it was started in
+NOTE_ENV = SCOPE_NOTE_ENV       # tells the spawner why a scope was wanted but could not be had
 
 
 @dataclass(frozen=True)
