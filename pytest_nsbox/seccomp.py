@@ -26,7 +26,7 @@ TYPE_CHECKING = False  # not typing.TYPE_CHECKING: the spawner must not import t
 if TYPE_CHECKING:
     from typing import Iterator
 
-_OBSOLETE = "gone from current kernels, where ENOSYS is the answer too"
+_GONE = ": ENOSYS, what kernels since then answer"
 
 # syscall name -> (errno name, why).  The filter, docs/seccomp.md and tests/test_seccomp.py all
 # read this table.
@@ -69,12 +69,12 @@ REFUSED = {
     "clock_settime64": ("EPERM", "sets the host's clock (i386 only)"),
     "uselib": ("ENOSYS", "the a.out-era library loader, configured out of most kernels, where "
                          "ENOSYS is the answer too"),
-    "lookup_dcookie": ("ENOSYS", "oprofile's path lookup (gone in 5.12); " + _OBSOLETE),
-    "nfsservctl": ("ENOSYS", "the old NFS server control (gone in 3.1); " + _OBSOLETE),
-    "_sysctl": ("ENOSYS", "binary sysctl (gone in 5.5); " + _OBSOLETE),
-    "create_module": ("ENOSYS", "Linux 2.4's module loader; " + _OBSOLETE),
-    "get_kernel_syms": ("ENOSYS", "Linux 2.4's module loader; " + _OBSOLETE),
-    "query_module": ("ENOSYS", "Linux 2.4's module loader; " + _OBSOLETE),
+    "lookup_dcookie": ("ENOSYS", "oprofile's path lookup, gone in 5.12" + _GONE),
+    "nfsservctl": ("ENOSYS", "the old NFS server control, gone in 3.1" + _GONE),
+    "_sysctl": ("ENOSYS", "binary sysctl, gone in 5.5" + _GONE),
+    "create_module": ("ENOSYS", "Linux 2.4's module interface, gone in 2.6" + _GONE),
+    "get_kernel_syms": ("ENOSYS", "Linux 2.4's module interface, gone in 2.6" + _GONE),
+    "query_module": ("ENOSYS", "Linux 2.4's module interface, gone in 2.6" + _GONE),
     "vm86": ("ENOSYS", "virtual-8086 mode (i386 only): 64-bit kernels answer ENOSYS too"),
     "vm86old": ("ENOSYS", "virtual-8086 mode (i386 only): 64-bit kernels answer ENOSYS too"),
 }

@@ -418,6 +418,23 @@ def test_every_refusal_has_numbers_and_a_reason():
     assert not kept & set(seccomp.REFUSED)
 
 
+def doc_rows(heading: str) -> list[list[str]]:
+    """The cells of the table under `heading` in docs/seccomp.md, backquotes removed."""
+    section = (REPO / "docs/seccomp.md").read_text().split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line.strip("|").split(" | ") for line in section.splitlines() if line.startswith("| ")]
+    return [[cell.strip().replace("`", "") for cell in row] for row in rows[2:]]  # past the header
+
+
+def test_the_doc_tables_are_the_module_tables():
+    def numbers(name):
+        return " / ".join("–" if nr is None else str(nr) for nr in seccomp._NUMBERS[name])
+
+    assert doc_rows("Refused") == [[name, err, numbers(name), why]
+                                   for name, (err, why) in seccomp.REFUSED.items()]
+    assert doc_rows("Left allowed on purpose") == [[", ".join(names), why]
+                                                   for names, why in seccomp.KEPT.items()]
+
+
 def test_spawner_side_imports_stay_small():
     code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); import pytest_nsbox.kernel; "
             "before = set(sys.modules); import pytest_nsbox.seccomp as s; s.program(); "
