@@ -306,6 +306,8 @@ def _link(code: list) -> bytes:
         else:
             position += 1
     insns = [item for item in code if not isinstance(item, str)]
+    # Little-endian whatever the host: both supported machines are, and a program may be built
+    # for the other one.
     return b"".join(struct.pack("<HBBI", op, _jump(where, jt, i), _jump(where, jf, i), k)
                     for i, (op, k, jt, jf) in enumerate(insns))
 
