@@ -94,10 +94,10 @@ def detect(euid: int | None = None, mountinfo: str | None = None,
            environ: dict[str, str] | None = None, proc_cgroup: str | None = None) -> CapPlan:
     """Pick the best mechanism this process can use.  Arguments exist for tests on fake trees.
 
-    `euid` is the *host* uid: the kernel exempts the processes of host uid 0 from RLIMIT_NPROC,
-    whatever user namespace they are in.
+    `euid` is 0 for the host's (global) root, whatever user namespace it is in: the kernel exempts
+    global root from RLIMIT_NPROC, and only global root may write the top of the cgroup tree.
     """
-    euid = host_uid() if euid is None else euid
+    euid = (0 if is_global_root() else max(1, os.geteuid())) if euid is None else euid
     mountinfo = _read("/proc/self/mountinfo") if mountinfo is None else mountinfo
     environ = dict(os.environ) if environ is None else environ
     v2_root, v1_roots = cgroup_mounts(mountinfo)
@@ -163,15 +163,21 @@ def enter_scope(v2_root: str, unit: str, proc_cgroup: str | None = None) -> str:
     return scope
 
 
-def host_uid(uid_map: str | None = None) -> int:
-    """Our effective uid as the parent user namespace sees it (one level, which is what we make)."""
-    euid = os.geteuid()
-    uid_map = _read("/proc/self/uid_map") if uid_map is None else uid_map
-    for line in uid_map.splitlines():
-        inside, outside, count = (int(x) for x in line.split())
-        if inside <= euid < inside + count:
-            return outside + euid - inside
-    return euid
+def is_global_root(owner_of_sysctls: int | None = None, euid: int | None = None) -> bool:
+    """Whether our effective uid is the host's root, however deep the user namespace we are in.
+
+    A user namespace shows only one level of its uid map, so root inside a sandbox (or a rootless
+    container) looks like root.  But the kernel's own sysctls belong to the host's root, and a file
+    whose owner is unmapped here shows as the overflow uid: they show as owned by our euid only if
+    we are that root.  Arguments exist for tests.
+    """
+    euid = os.geteuid() if euid is None else euid
+    if owner_of_sysctls is None:
+        try:
+            owner_of_sysctls = os.stat("/proc/sys/kernel/ostype").st_uid
+        except OSError:
+            owner_of_sysctls = 0 if _read("/proc/self/uid_map").split()[:2] == ["0", "0"] else -1
+    return euid == 0 and owner_of_sysctls == 0
 
 
 def cgroup_mounts(mountinfo: str) -> tuple[str | None, dict[str, str]]:
@@ -273,6 +279,10 @@ class SandboxCgroup:
                 group._write("memory", "memory.limit_in_bytes", str(memory_max))
                 group._write("memory", "memory.memsw.limit_in_bytes", str(memory_max), optional=True)
         return group
+
+    def open(self) -> int:
+        """A descriptor of the (v2) cgroup directory, for clone3's CLONE_INTO_CGROUP."""
+        return os.open(self.dirs["pids"], os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
     def join(self, pid: int = 0) -> None:
         """Move `pid` (0: the caller) into every controller's cgroup."""

@@ -16,6 +16,7 @@ import threading
 from pathlib import Path
 from dataclasses import dataclass
 from typing import IO, Any
+from collections.abc import Mapping
 
 from . import protocol, systemd
 from .caps import CapPlan
@@ -50,7 +51,7 @@ class Spawner:
         self.owner_pid = os.getpid()
         self.lock = threading.Lock()
         decision = systemd.decide()
-        env = dict(os.environ)
+        env = spawner_environment(os.environ)
         if decision.scope is not None:
             try:
                 self._start(decision.scope.argv, {**env, systemd.UNIT_ENV: decision.scope.unit},
@@ -123,7 +124,7 @@ class Spawner:
         with self.lock:
             try:
                 protocol.send(self.sock, message)
-                reply, fds = protocol.receive(self.sock)
+                reply, fds = protocol.receive(self.sock, shared=False)
             except OSError as exc:
                 reply, fds = None, []
                 error = str(exc)
@@ -134,19 +135,32 @@ class Spawner:
             raise SandboxUnavailable(f"the sandbox spawner ({sys.executable}) stopped answering: "
                                      f"{error} (exit status {code}); set NSBOX_DEBUG=1 to see its stderr")
         if reply.get("op") == "error":
-            raise SandboxSetupError(reply["message"])
+            raise (SandboxUnavailable if reply.get("unavailable") else SandboxSetupError)(reply["message"])
         return reply, fds
 
-    def create(self, spec: dict[str, Any]) -> tuple[socket.socket, dict[str, Any]]:
-        """A new sandbox's socket, and what the spawner says of it (caps, cgroup)."""
+    def create(self, spec: dict[str, Any]) -> tuple[socket.socket, int, dict[str, Any]]:
+        """A new sandbox's socket, its init's pidfd, and what the spawner says of it (caps, cgroup)."""
         reply, fds = self.request({"op": "create", "spec": spec})
-        if len(fds) != 1:
-            raise SandboxSetupError(f"the spawner answered {reply!r} without a sandbox socket")
-        return socket.socket(fileno=fds[0]), reply
+        if len(fds) != 2:
+            for fd in fds:
+                os.close(fd)
+            raise SandboxSetupError(f"the spawner answered {reply!r} without a sandbox")
+        return socket.socket(fileno=fds[0]), fds[1], reply
 
     def probe(self, network: str = "none") -> Probe:
         reply, _ = self.request({"op": "probe", "network": network})
         return Probe(bool(reply["ok"]), reply.get("error", ""), CapPlan.from_json(reply["caps"]))
+
+
+#: What the spawner (and systemd-run before it) may see of the test process's environment.  Every
+#: sandbox's init is a copy of the spawner's memory: the user's tokens and passwords stay out of it.
+_SPAWNER_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "TMPDIR", "XDG_RUNTIME_DIR",
+                "DBUS_SESSION_BUS_ADDRESS", "PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT")
+
+
+def spawner_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    return {key: value for key, value in environ.items()
+            if key in _SPAWNER_ENV or key.startswith(("NSBOX_", "LC_"))}
 
 
 @atexit.register

@@ -1,16 +1,21 @@
-"""PID 1 of a sandbox: builds its root, then starts commands on request, reaps, forwards signals.
+"""PID 1 of a sandbox: builds it, then starts commands on request, reaps, kills, reports exits.
 
-The init talks to its owner over one SOCK_SEQPACKET socket.  Requests: `exec` (argv, env, cwd and
-up to three stdio descriptors), `signal` (one process or the whole session a command started).
-Events: `ready`, `started`/`failed` per exec, `exited` per command with its returncode (a signal
-death as -N, as in subprocess), `expired` when the sandbox's lifetime runs out, `error` when setup
-fails.  When the socket closes — the owner closed the sandbox, or died — init exits, and the kernel
-kills every process left in its PID namespace: nothing can outlive the sandbox.
+The init talks to its owner over one SOCK_SEQPACKET socket.  Requests: `hello` (the owner has it:
+the lifetime starts), `exec` (argv, env, cwd and up to three stdio descriptors), `signal` (one
+command, or every process it started).  Events: `ready`, `started`/`failed` per exec, `exited` per
+command with its returncode (a signal death as -N, as in subprocess), `expired` when the sandbox's
+lifetime runs out, `error` when setup fails.  When the socket closes — the owner closed the
+sandbox, or died — init exits, and the kernel kills every process left in its PID namespace.
+
+Nothing a command does can reach what init relies on: each command runs in a user and a mount
+namespace of its own (see docs/design.md), so init's mounts, its /proc and its descriptors are out
+of every command's reach.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import marshal
 import os
 import resource
@@ -19,7 +24,7 @@ import signal
 import socket
 import time
 
-from . import kernel, layout, protocol
+from . import kernel, layout, protocol, seccomp
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: the spawner must not import typing (see spawner.py)
 if TYPE_CHECKING:
@@ -27,35 +32,65 @@ if TYPE_CHECKING:
 
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+COMMAND_FLAGS = kernel.CLONE_NEWUSER | kernel.CLONE_NEWNS
+_NS_GET_PARENT = 0xB702  # _IO(0xb7, 0x2): the user namespace one level up
+#: After this long, a fork bomb still refilling a command's processes gets the whole sandbox killed.
+KILL_PATIENCE = 0.5
+#: Commands are the out-of-memory killer's first choice, before init (raising needs no privilege).
+COMMAND_OOM_SCORE_ADJ = b"500"
 
 
 class Init:
-    def __init__(self, sock: socket.socket, spec: dict[str, Any]):
+    def __init__(self, sock: socket.socket, spec: dict[str, Any], go: int):
         self.sock = sock
         self.spec = spec
-        self.commands: set[int] = set()
-        self.deadline: float | None = None  # set when the owner says hello: a sandbox may be prebuilt
+        self.go = go                         # -1, or a pipe: the spawner has placed us in our cgroup
+        self.commands: dict[int, int] = {}   # pid -> inode of its user namespace (its tag)
+        self.deadline: float | None = None   # set when the owner says hello: a sandbox may be prebuilt
         self.expired = False
-        self.devnull: int | None = None
+        self.proc = -1                       # our /proc: no command can mount over it
+        self.own_userns = 0
 
     # -- setup ------------------------------------------------------------------------------
     def setup(self) -> None:
         spec = self.spec
-        binds = [layout.BindSpec(*b) for b in spec["mounts"]]
-        layout.build(spec["tree"], binds, host_network=spec["network"] == "host",
+        try:
+            kernel.write_id_maps(spec["uid"], spec["gid"])
+        except kernel.KernelError as exc:
+            exc.unavailable = True  # type: ignore[attr-defined]
+            raise
+        size = spec["tmpfs_size"]
+        layout.build(spec["tree"], [layout.BindSpec(*b) for b in spec["mounts"]],
+                     host_network=spec["network"] == "host", tmpfs_size=size,
                      host_root=spec.get("host_root", False))
         layout.set_hostname(spec["hostname"])
+        sysctls = layout.ipc_sysctls(size)
         if spec["network"] == "none":
             layout.bring_up_loopback()
-            layout.relax_private_network()
-        namespaces = {name: os.readlink(f"/proc/self/ns/{name}") for name in kernel.NAMESPACE_FLAGS}
-        # Lock the mounts: in a nested user namespace they are inherited as locked, so even the
-        # sandbox's root cannot unmount them or remount a read-only bind writable.
-        kernel.unshare(kernel.CLONE_NEWUSER | kernel.CLONE_NEWNS)
-        kernel.write_id_maps(0, 0)
+            sysctls.update(layout.private_network_sysctls())
+        layout.write_sysctls(sysctls)
+        if spec.get("protect_proc"):
+            layout.protect_proc()
+        self.proc = os.open("/proc", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        if self.go >= 0:
+            # cgroup v1: the spawner writes our PID into the sandbox's cgroup, then lets us go on.
+            if os.read(self.go, 1) != b"g":
+                raise kernel.KernelError(errno.ESRCH, "join the sandbox's cgroup", None,
+                                         "the spawner could not place the sandbox in it")
+            os.close(self.go)
+        kernel.unshare(kernel.CLONE_NEWCGROUP)  # rooted at our own cgroup, wherever that is
+        self.own_userns = os.stat("self/ns/user", dir_fd=self.proc).st_ino
+        namespaces = {name: os.readlink(f"self/ns/{name}", dir_fd=self.proc)
+                      for name in kernel.NAMESPACE_FLAGS}
+        kernel.join_new_session_keyring()
         if spec.get("pids_max") and spec.get("mechanism") == "rlimit":
-            # Counted per user namespace (Linux >= 5.14): this caps the sandbox, not the user.
+            # Counted per user namespace (Linux >= 5.14), and set before any command's user
+            # namespace exists, whose ucount limit it becomes: this caps the sandbox, not the user.
             resource.setrlimit(resource.RLIMIT_NPROC, (spec["pids_max"], spec["pids_max"]))
+        if spec.get("seccomp", True):
+            seccomp.install(spec["seccomp_program"])  # no_new_privs first, then the filter
+        else:
+            kernel.set_no_new_privs()  # no exec inside may gain privileges, filter or not
         # Nobody inside may open /proc/1/exe (the host's Python) or ptrace us: runc CVE-2019-5736.
         kernel.set_dumpable(False)
         protocol.send(self.sock, {"op": "ready", "namespaces": namespaces})
@@ -101,8 +136,7 @@ class Init:
 
     def reap(self) -> None:
         for pid, status in kernel.reap_children():
-            if pid in self.commands:
-                self.commands.discard(pid)
+            if self.commands.pop(pid, None) is not None:
                 protocol.send(self.sock, {"op": "exited", "pid": pid,
                                           "returncode": os.waitstatus_to_exitcode(status)})
 
@@ -115,17 +149,20 @@ class Init:
         _kill(-1, signal.SIGKILL)  # from PID 1: every other process of the namespace
         protocol.send(self.sock, {"op": "expired", "timeout": self.spec["timeout"]})
 
-    def signal(self, pid: int, signum: int, session: bool) -> None:
-        if pid not in self.commands:
+    def signal(self, pid: int, signum: int, everything: bool) -> None:
+        tag = self.commands.get(pid)
+        if tag is None:
             return
         _kill(pid, signum)
-        if not session:
+        if not everything:
             return
-        # A fork bomb refills its session while we kill it: repeat until it is empty, and if it
-        # is not within half a second, kill everything in the sandbox but us.
-        deadline = time.monotonic() + 0.5
+        # Every process that carries the command's user namespace: a process can never leave it,
+        # whether it calls setsid, double-forks or hides behind a mount.  A fork bomb refills it
+        # while we kill it: repeat until it is empty, and if it is not within KILL_PATIENCE, kill
+        # everything in the sandbox but us.
+        deadline = time.monotonic() + KILL_PATIENCE
         while True:
-            members = _session_members(pid)
+            members = self.started_by(tag)
             if not members:
                 return
             for member in members:
@@ -136,6 +173,23 @@ class Init:
                 _kill(-1, signal.SIGKILL)
                 return
 
+    def started_by(self, tag: int) -> list[int]:
+        """The live processes whose user namespace is `tag`, or lies below it."""
+        others = {self.own_userns, *self.commands.values()} - {tag}
+        found = []
+        for name in os.listdir(self.proc):
+            if not name.isdigit() or name == "1":
+                continue
+            try:
+                if _state(self.proc, name) == b"Z":
+                    continue  # dead already, waiting for us to reap it
+                ino = os.stat(f"{name}/ns/user", dir_fd=self.proc).st_ino
+                if ino == tag or (ino not in others and _below(self.proc, name, tag, others)):
+                    found.append(int(name))
+            except OSError:
+                continue  # gone meanwhile
+        return found
+
     # -- commands ---------------------------------------------------------------------------
     def start(self, message: dict[str, Any], fds: list[int]) -> None:
         request_id = message["id"]
@@ -143,53 +197,98 @@ class Init:
             protocol.send(self.sock, {"op": "failed", "id": request_id, "expired": True,
                                       "error": f"the sandbox's lifetime of {self.spec['timeout']} s expired"})
             return
-        stdio = _stdio_slots(message["stdio"], fds)
-        if self.spec.get("memory_max") and self.spec.get("memory_mechanism") == "rlimit":
-            self._fork_exec(request_id, message, stdio)  # RLIMIT_AS must be set in the child
-            return
-        try:
-            pid = self._spawn(message, stdio)
-        except OSError as exc:
-            self._failed(request_id, *_exec_failure(exc, message["cwd"]))
-            return
-        self.commands.add(pid)
-        protocol.send(self.sock, {"op": "started", "id": request_id, "pid": pid})
-
-    def _spawn(self, message: dict[str, Any], stdio: list[int | None]) -> int:
-        """posix_spawn (vfork): no Python runs in the child, and init's size does not matter."""
         argv, env, cwd = message["argv"], message["env"], message["cwd"]
-        if not os.path.isdir(cwd):
-            raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), cwd)
-        if self.devnull is None:
-            self.devnull = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
-        fds = [self.devnull if fd is None else fd for fd in stdio]
-        return kernel.spawn(_which(argv[0], env.get("PATH", "")), argv, env, cwd, fds)
-
-    def _fork_exec(self, request_id: int, message: dict[str, Any], stdio: list[int | None]) -> None:
+        try:
+            path = _which(argv[0], env.get("PATH", ""))
+            if not os.path.isdir(cwd):
+                raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), cwd)
+        except OSError as exc:
+            self._failed(request_id, *_exec_failure(exc, cwd))
+            return
+        stdio = _stdio_slots(message["stdio"], fds)
+        limit = self.spec["memory_max"] if self.spec.get("memory_mechanism") == "rlimit" else None
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        pid = os.fork()
-        if pid == 0:
+        try:
+            pid, pidfd = kernel.clone(COMMAND_FLAGS, what="start a command")
+        except OSError as exc:
             os.close(err_r)
-            if self.spec.get("memory_max") and self.spec.get("memory_mechanism") == "rlimit":
-                limit = self.spec["memory_max"]
-                resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-            _exec_child(message, stdio, err_w)
+            os.close(err_w)
+            self._failed(request_id, exc.errno or 0, self._clone_failure(exc, argv))
+            return
+        if pid == 0:
+            _become(path, argv, env, cwd, stdio, err_w, limit)
+        os.close(pidfd)
         os.close(err_w)
         with os.fdopen(err_r, "rb") as f:
-            failure = f.read()
-        if failure:
+            said = f.read()
+        # The child's first 8 bytes are its tag; anything after them says why it did not exec.
+        tag, failure = int.from_bytes(said[:8], "little"), said[8:]
+        if failure or len(said) < 8:
             os.waitpid(pid, 0)
-            self._failed(request_id, *marshal.loads(failure))
+            self._failed(request_id, *_decode_failure(failure))
             return
-        self.commands.add(pid)
+        self.commands[pid] = tag
         protocol.send(self.sock, {"op": "started", "id": request_id, "pid": pid})
+
+    def _clone_failure(self, exc: OSError, argv: list[str]) -> str:
+        if exc.errno == errno.EAGAIN and self.spec.get("pids_max"):
+            return (f"cannot start {argv[0]}: the sandbox has reached its pids_max of "
+                    f"{self.spec['pids_max']} processes (fork refused: EAGAIN); something in it "
+                    "is still forking, or pids_max is too low for this test")
+        return f"cannot start {argv[0]}: {exc}"
 
     def _failed(self, request_id: int, errno_: int, error: str) -> None:
         protocol.send(self.sock, {"op": "failed", "id": request_id, "errno": errno_, "error": error})
 
 
+def _become(path: str, argv: list[str], env: dict[str, str], cwd: str, stdio: list[int | None],
+            err_w: int, memory_limit: int | None) -> None:
+    """In the cloned child, in its own user and mount namespaces: become the command.  Never returns.
+
+    Until exec this process is a copy of init, and like init not dumpable, so not even init may
+    read its /proc/N/ns: it tells init its tag itself.  It must become dumpable to write its own id
+    maps (a non-dumpable process's /proc files belong to the host's root); that opens it to no
+    other command, because tracing a process in another user namespace takes CAP_SYS_PTRACE there.
+    """
+    try:
+        os.write(err_w, os.stat("/proc/self/ns/user").st_ino.to_bytes(8, "little"))
+        kernel.set_dumpable(True)
+        kernel.write_id_maps(0, 0)  # root here is the sandbox's root, and nothing more
+        # An out-of-memory kill in the sandbox's cgroup must take a command, never init: shared
+        # memory (tmpfs) counts to no process, so init, the biggest, would look the best victim.
+        _write_file("/proc/self/oom_score_adj", COMMAND_OOM_SCORE_ADJ)
+        os.setsid()  # no controlling terminal: no TIOCSTI into the user's (CVE-2017-5226)
+        if memory_limit:
+            resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
+        devnull = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
+        for target, fd in enumerate(stdio):
+            os.dup2(devnull if fd is None else fd, target, inheritable=True)
+        # Nothing but 0/1/2 crosses exec: not xdist's channels, not a lock file (CVE-2024-21626).
+        os.closerange(3, err_w)
+        os.closerange(err_w + 1, 1 << 20)
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGPIPE, signal.SIGXFSZ):  # ignored by Python; exec keeps that
+            signal.signal(sig, signal.SIG_DFL)
+        os.chdir(cwd)
+        # Not os.execvpe: it imports `warnings` lazily, and the host's stdlib is gone after pivot_root.
+        os.execve(path, argv, env)
+    except OSError as exc:
+        os.write(err_w, marshal.dumps(_exec_failure(exc, cwd)))
+    except BaseException as exc:  # noqa: BLE001 - report whatever stopped us, then leave
+        os.write(err_w, marshal.dumps((0, repr(exc))))
+    os._exit(127)
+
+
+def _write_file(path: str, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
 def _which(name: str, path: str) -> str:
-    """execvp's search, over the sandbox's PATH (posix_spawnp would search init's own)."""
+    """execvp's search, over the sandbox's PATH."""
     if "/" in name:
         return name
     denied = None
@@ -210,30 +309,12 @@ def _stdio_slots(layout_: list[str | None], fds: list[int]) -> list[int | None]:
     return [next(it) if slot == "fd" else None for slot in layout_]
 
 
-def _exec_child(message: dict[str, Any], stdio: list[int | None], err_w: int) -> None:
-    """In the forked child: become the command.  Never returns."""
+def _decode_failure(data: bytes) -> tuple[int, str]:
     try:
-        os.setsid()  # no controlling terminal: no TIOCSTI into the user's (CVE-2017-5226)
-        devnull = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
-        for target, fd in enumerate(stdio):
-            os.dup2(devnull if fd is None else fd, target, inheritable=True)
-        # Nothing but 0/1/2 crosses exec: not xdist's channels, not a lock file (CVE-2024-21626).
-        os.closerange(3, err_w)
-        os.closerange(err_w + 1, 1 << 20)
-        for sig in (signal.SIGPIPE, signal.SIGXFSZ, *FORWARDED_SIGNALS, signal.SIGCHLD):
-            signal.signal(sig, signal.SIG_DFL)
-        signal.set_wakeup_fd(-1)
-        os.chdir(message["cwd"])
-        if not os.getcwd().startswith("/"):
-            raise OSError(errno.EACCES, "working directory is outside the sandbox's root")
-        argv, env = message["argv"], message["env"]
-        # Not os.execvpe: it imports `warnings` lazily, and the host's stdlib is gone after pivot_root.
-        os.execve(_which(argv[0], env.get("PATH", "")), argv, env)
-    except OSError as exc:
-        os.write(err_w, marshal.dumps(_exec_failure(exc, message["cwd"])))
-    except BaseException as exc:  # noqa: BLE001 - report whatever stopped us, then leave
-        os.write(err_w, marshal.dumps((0, repr(exc))))
-    os._exit(127)
+        errno_, text = marshal.loads(data)
+        return int(errno_), str(text)
+    except (ValueError, TypeError, EOFError):
+        return 0, "the command died before exec"
 
 
 def _exec_failure(exc: OSError, cwd: str) -> tuple[int, str]:
@@ -243,20 +324,32 @@ def _exec_failure(exc: OSError, cwd: str) -> tuple[int, str]:
     return exc.errno or 0, f"{what} {exc.filename}: {name} ({exc.strerror})"
 
 
-def _session_members(sid: int) -> list[int]:
-    members = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or name == "1":
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        # Fields after "comm)": state ppid pgrp session.  Zombies are dead already.
-        if int(fields[3]) == sid and fields[0] != b"Z":
-            members.append(int(name))
-    return members
+def _state(proc: int, name: str) -> bytes:
+    fd = os.open(f"{name}/stat", os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc)
+    try:
+        return os.read(fd, 512).rsplit(b")", 1)[1].split()[0]
+    finally:
+        os.close(fd)
+
+
+def _below(proc: int, name: str, tag: int, others: set[int]) -> bool:
+    """Whether process `name` sits in a user namespace nested (at any depth) below `tag`."""
+    fd = os.open(f"{name}/ns/user", os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc)
+    try:
+        while True:
+            try:
+                parent = fcntl.ioctl(fd, _NS_GET_PARENT)
+            except OSError:
+                return False  # the top of what we may see: not below any command
+            os.close(fd)
+            fd = parent
+            ino = os.fstat(fd).st_ino
+            if ino == tag:
+                return True
+            if ino in others:
+                return False
+    finally:
+        os.close(fd)
 
 
 def _kill(pid: int, signum: int) -> None:
@@ -270,22 +363,20 @@ def _noop(_signum: int, _frame: object) -> None:
     pass
 
 
-def main(sock: socket.socket, spec: dict[str, Any], parent_alive: int) -> None:
-    """Entry point of PID 1, called in the child the monitor forked.  Never returns."""
+def main(sock: socket.socket, spec: dict[str, Any], spawner_alive: int, go: int) -> None:
+    """Entry point of PID 1, in the child the spawner cloned.  Never returns."""
     try:
         kernel.set_parent_death_signal(signal.SIGKILL)
-        try:
-            if os.read(parent_alive, 1) == b"":
-                os._exit(1)  # the monitor died before we armed the death signal
-        except BlockingIOError:
-            pass
-        os.close(parent_alive)
+        if select.select([spawner_alive], [], [], 0)[0]:
+            os._exit(1)  # the spawner died before we armed the death signal: its pidfd says so
+        os.close(spawner_alive)
         kernel.set_process_name("nsbox-init")
-        init = Init(sock, spec)
+        init = Init(sock, spec, go)
         try:
             init.setup()
         except OSError as exc:
-            protocol.send(sock, {"op": "error", "message": str(exc), "errno": exc.errno})
+            protocol.send(sock, {"op": "error", "message": str(exc), "errno": exc.errno,
+                                 "unavailable": getattr(exc, "unavailable", False)})
             os._exit(1)
         init.serve()
     except BaseException as exc:  # noqa: BLE001 - PID 1 must say why it dies, then die

@@ -30,34 +30,19 @@ NAMESPACE_FLAGS = {
 }
 
 # Mount flags (linux/mount.h).
-MS_RDONLY = 1
 MS_NOSUID = 2
 MS_NODEV = 4
 MS_NOEXEC = 8
-MS_REMOUNT = 32
-MS_NOATIME = 1024
-MS_NODIRATIME = 2048
 MS_BIND = 4096
 MS_REC = 16384
 MS_PRIVATE = 1 << 18
-MS_RELATIME = 1 << 21
 MNT_DETACH = 2
-
-# statvfs f_flag bits that the kernel locks on a mount inherited into a user namespace: a remount
-# must repeat them or it fails with EPERM.
-_LOCKED_STATVFS_TO_MS = {
-    os.ST_NOSUID: MS_NOSUID,
-    os.ST_NODEV: MS_NODEV,
-    os.ST_NOEXEC: MS_NOEXEC,
-    os.ST_NOATIME: MS_NOATIME,
-    os.ST_NODIRATIME: MS_NODIRATIME,
-    os.ST_RELATIME: MS_RELATIME,
-}
 
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
 PR_SET_NAME = 15
 PR_SET_CHILD_SUBREAPER = 36
+PR_SET_NO_NEW_PRIVS = 38
 
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "loongarch64": 41, "ppc64le": 203,
                    "s390x": 217, "i686": 217, "i386": 217, "armv7l": 218, "armv6l": 218}
@@ -65,6 +50,9 @@ _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "loongarch64": 4
 _MACHINE = os.uname().machine
 _RELEASE = os.uname().release
 _libc = ctypes.CDLL(None, use_errno=True)
+# The same C library, called with the GIL held: for clone3, whose child must find the interpreter
+# exactly as the parent left it (holding the GIL), as after fork().
+_libc_gil = ctypes.PyDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
                         ctypes.c_char_p]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
@@ -91,6 +79,46 @@ def describe(errno_: int, operation: str, path: str | None, hint: str = "") -> s
 def _check(result: int, operation: str, path: str | None = None, hint: str = "") -> None:
     if result != 0:
         raise KernelError(ctypes.get_errno(), operation, path, hint)
+
+
+# clone3(2) (Linux 5.3) has the same number everywhere; its argument is a struct, not registers.
+_SYS_CLONE3 = 435
+CLONE_PIDFD = 0x1000
+CLONE_INTO_CGROUP = 0x200000000
+
+
+class _CloneArgs(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in (
+        "flags", "pidfd", "child_tid", "parent_tid", "exit_signal", "stack", "stack_size", "tls",
+        "set_tid", "set_tid_size", "cgroup")]
+
+
+def clone(flags: int, cgroup_fd: int = -1, what: str = "clone") -> tuple[int, int]:
+    """fork(), with namespaces and a pidfd: (pid, pidfd) in the parent, (0, -1) in the child.
+
+    The child runs on a copy of the parent's stack, as after fork().  Python's at-fork handlers do
+    not run: only single-threaded processes that register none (the spawner, init) may call this.
+    """
+    pidfd = ctypes.c_int(-1)
+    args = _CloneArgs(flags=flags | CLONE_PIDFD, pidfd=ctypes.addressof(pidfd),
+                      exit_signal=17)  # SIGCHLD: the parent is told, and may wait for it
+    if cgroup_fd >= 0:
+        args.flags |= CLONE_INTO_CGROUP
+        args.cgroup = cgroup_fd
+    pid = _libc_gil.syscall(_SYS_CLONE3, ctypes.byref(args), ctypes.sizeof(args))
+    if pid < 0:
+        err = ctypes.get_errno()
+        raise KernelError(err, what, None, clone_hint(err, flags))
+    return pid, (pidfd.value if pid else -1)
+
+
+def clone_hint(err: int, flags: int) -> str:
+    if err == errno.EAGAIN:
+        return ("no more processes may be created: a PID cap (RLIMIT_NPROC, `ulimit -u`, or a "
+                "cgroup's pids.max) is reached")
+    if err == errno.ENOSYS:
+        return f"clone3(2) needs Linux >= 5.3 (this is {_RELEASE})"
+    return unshare_hint(err, flags)
 
 
 def unshare(flags: int) -> None:
@@ -173,23 +201,13 @@ def mount_hint(err: int, fstype: str | None) -> str:
     return ""
 
 
-def remount_bind_readonly(target: str) -> None:
-    """Make a bind mount read-only, repeating the flags the kernel locked on it."""
-    locked = 0
-    flags = os.statvfs(target).f_flag
-    for st_bit, ms_bit in _LOCKED_STATVFS_TO_MS.items():
-        if flags & st_bit:
-            locked |= ms_bit
-    mount(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | locked,
-          operation="remount read-only")
-
-
 # open_tree(2) and move_mount(2) (Linux 5.2) have the same numbers on every architecture.
 _SYS_OPEN_TREE = 428
 _SYS_MOVE_MOUNT = 429
 _SYS_MOUNT_SETATTR = 442
 _OPEN_TREE_CLONE = 1
 _MOVE_MOUNT_F_EMPTY_PATH = 4
+_MOVE_MOUNT_T_EMPTY_PATH = 0x40
 _AT_EMPTY_PATH = 0x1000
 _AT_RECURSIVE = 0x8000
 _MOUNT_ATTR_RDONLY = 1
@@ -200,14 +218,17 @@ class _MountAttr(ctypes.Structure):
                 ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
 
 
-def clone_mount(path: str, recursive: bool = False) -> int:
+def clone_mount(path: str, recursive: bool = False, dirfd: int = -100) -> int:
     """A detached bind mount of `path` (with its submounts if `recursive`), as a descriptor.
 
     Unlike a plain bind, it can still be attached after the mount it came from is detached, which
-    is what lets binds be placed after pivot_root, inside the new root.
+    is what lets binds be placed after pivot_root, inside the new root.  An empty `path` clones
+    `dirfd` itself.
     """
     flags = _OPEN_TREE_CLONE | os.O_CLOEXEC | (_AT_RECURSIVE if recursive else 0)
-    fd = _libc.syscall(_SYS_OPEN_TREE, -100, _b(path), flags)
+    if not path:
+        flags |= _AT_EMPTY_PATH
+    fd = _libc.syscall(_SYS_OPEN_TREE, dirfd, _b(path), flags)
     if fd < 0:
         err = ctypes.get_errno()
         hint = "open_tree(2) needs Linux >= 5.2" if err == errno.ENOSYS else ""
@@ -217,19 +238,57 @@ def clone_mount(path: str, recursive: bool = False) -> int:
 
 def set_read_only(fd: int, recursive: bool) -> None:
     """Make a detached mount tree read-only, every submount included (mount_setattr, Linux 5.12)."""
-    attr = _MountAttr(_MOUNT_ATTR_RDONLY, 0, 0, 0)
+    set_mount_attributes(fd, _MOUNT_ATTR_RDONLY, recursive)
+
+
+def set_mount_attributes(fd: int, attributes: int, recursive: bool = False) -> None:
+    """Set MOUNT_ATTR_* flags on the mount `fd` refers to (and its submounts if `recursive`)."""
+    attr = _MountAttr(attributes, 0, 0, 0)
     flags = _AT_EMPTY_PATH | (_AT_RECURSIVE if recursive else 0)
     result = _libc.syscall(_SYS_MOUNT_SETATTR, fd, b"", flags, ctypes.byref(attr), ctypes.sizeof(attr))
     if result != 0:
         err = ctypes.get_errno()
-        raise KernelError(err, "make read-only", None,
+        raise KernelError(err, "set mount attributes", fd_path(fd),
                           "mount_setattr(2) needs Linux >= 5.12" if err == errno.ENOSYS else "")
 
 
-def attach_mount(fd: int, target: str, source: str) -> None:
-    """Attach a mount made by clone_mount() on `target`."""
-    result = _libc.syscall(_SYS_MOVE_MOUNT, fd, b"", -100, _b(target), _MOVE_MOUNT_F_EMPTY_PATH)
-    _check(result, f"bind {source} on", target)
+def attach_mount(fd: int, target: str | int, source: str) -> None:
+    """Attach a mount made by clone_mount() on `target`: a path, or a descriptor of the mount point."""
+    if isinstance(target, int):
+        result = _libc.syscall(_SYS_MOVE_MOUNT, fd, b"", target, b"",
+                               _MOVE_MOUNT_F_EMPTY_PATH | _MOVE_MOUNT_T_EMPTY_PATH)
+        where = fd_path(target)
+    else:
+        result = _libc.syscall(_SYS_MOVE_MOUNT, fd, b"", -100, _b(target), _MOVE_MOUNT_F_EMPTY_PATH)
+        where = target
+    _check(result, f"bind {source} on", where)
+
+
+def fd_path(fd: int) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return f"<fd {fd}>"
+
+
+_SYS_OPENAT2 = 437
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_IN_ROOT = 0x10
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+def openat2(dirfd: int, path: str, flags: int, resolve: int, mode: int = 0) -> int:
+    """open(2) relative to `dirfd`, with path resolution restricted by `resolve` (Linux 5.6)."""
+    how = _OpenHow(flags | os.O_CLOEXEC, mode, resolve)
+    fd = _libc.syscall(_SYS_OPENAT2, dirfd, _b(path), ctypes.byref(how), ctypes.sizeof(how))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise KernelError(err, "open", path, "openat2(2) needs Linux >= 5.6" if err == errno.ENOSYS else "")
+    return fd
 
 
 def umount2(target: str, flags: int) -> None:
@@ -262,6 +321,27 @@ def set_dumpable(flag: bool) -> None:
     prctl(PR_SET_DUMPABLE, int(flag))
 
 
+def set_no_new_privs() -> None:
+    """No exec may grant privileges again (setuid bits, file capabilities); needed for seccomp."""
+    prctl(PR_SET_NO_NEW_PRIVS, 1)
+
+
+_SYS_KEYCTL = {"x86_64": 250, "aarch64": 219, "riscv64": 219, "loongarch64": 219}
+_KEYCTL_JOIN_SESSION_KEYRING = 1
+
+
+def join_new_session_keyring() -> None:
+    """Leave the owner's session keyring for a fresh anonymous one (runc does the same)."""
+    number = _SYS_KEYCTL.get(_MACHINE)
+    if number is None:
+        return  # the seccomp filter refuses keyctl anyway; nothing to leave on unknown machines
+    result = _libc.syscall(number, _KEYCTL_JOIN_SESSION_KEYRING, None)
+    if result < 0:
+        err = ctypes.get_errno()
+        if err != errno.ENOSYS:  # a kernel without keys has no keyring to leave
+            raise KernelError(err, "join a new session keyring")
+
+
 def set_process_name(name: str) -> None:
     _libc.prctl(ctypes.c_int(PR_SET_NAME), ctypes.c_char_p(name.encode()[:15]), ctypes.c_ulong(0),
                 ctypes.c_ulong(0), ctypes.c_ulong(0))
@@ -289,46 +369,3 @@ def _write(path: str, text: str) -> None:
 
 def _b(value: str | None) -> bytes | None:
     return None if value is None else os.fsencode(value)
-
-
-# posix_spawn(3) through glibc: a vfork-based spawn, so init's Python never runs in the child.
-_POSIX_SPAWN_SETSIGDEF = 0x04
-_POSIX_SPAWN_SETSIGMASK = 0x08
-_POSIX_SPAWN_SETSID = 0x80
-_OPAQUE = 1024  # larger than glibc's posix_spawn_file_actions_t, posix_spawnattr_t and sigset_t
-
-
-def spawn(path: str, argv: list[str], env: dict[str, str], cwd: str, stdio: list[int]) -> int:
-    """Start `path` in a new session with `stdio` as fds 0-2, every other fd closed, default
-    signal dispositions and an empty signal mask.  Returns the pid; raises OSError as exec would."""
-    actions = ctypes.create_string_buffer(_OPAQUE)
-    attr = ctypes.create_string_buffer(_OPAQUE)
-    sigs = ctypes.create_string_buffer(_OPAQUE)
-    empty = ctypes.create_string_buffer(_OPAQUE)
-    _libc.posix_spawn_file_actions_init(actions)
-    _libc.posix_spawnattr_init(attr)
-    try:
-        for target, fd in enumerate(stdio):
-            _spawn_check(_libc.posix_spawn_file_actions_adddup2(actions, fd, target), path)
-        _spawn_check(_libc.posix_spawn_file_actions_addchdir_np(actions, _b(cwd)), cwd)
-        _spawn_check(_libc.posix_spawn_file_actions_addclosefrom_np(actions, 3), path)
-        _libc.sigfillset(sigs)
-        _libc.sigemptyset(empty)
-        _libc.posix_spawnattr_setsigdefault(attr, sigs)
-        _libc.posix_spawnattr_setsigmask(attr, empty)
-        _libc.posix_spawnattr_setflags(attr, ctypes.c_short(
-            _POSIX_SPAWN_SETSID | _POSIX_SPAWN_SETSIGDEF | _POSIX_SPAWN_SETSIGMASK))
-        c_argv = (ctypes.c_char_p * (len(argv) + 1))(*[os.fsencode(a) for a in argv], None)
-        env_items = [os.fsencode(f"{k}={v}") for k, v in env.items()]
-        c_env = (ctypes.c_char_p * (len(env_items) + 1))(*env_items, None)
-        pid = ctypes.c_int()
-        _spawn_check(_libc.posix_spawn(ctypes.byref(pid), _b(path), actions, attr, c_argv, c_env), path)
-        return pid.value
-    finally:
-        _libc.posix_spawn_file_actions_destroy(actions)
-        _libc.posix_spawnattr_destroy(attr)
-
-
-def _spawn_check(err: int, path: str) -> None:
-    if err:
-        raise OSError(err, os.strerror(err), path)

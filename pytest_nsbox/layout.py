@@ -5,18 +5,22 @@ Order matters, and each step has a reason:
 1. Make every mount private, so nothing we mount propagates to the host.
 2. Take every host path we need before anything is mounted over it: the rootfs tree as an O_PATH
    descriptor (the overlay's lowerdir is /proc/self/fd/N), bind sources and device nodes as
-   detached mount clones (open_tree).  A host path is resolved once, on the host, and never again
-   through a tree the sandbox could have shaped.
-3. Stack an overlay (the cached tree as its read-only lower layer, upper and work dirs on a private
-   tmpfs) and mount the new /proc on it while the host's /proc is still visible (the kernel only
-   lets a user namespace mount proc where a full proc is already visible).
-4. pivot_root into the overlay and detach the old root: nothing of the host stays reachable.
-5. Mount /dev, /tmp, /run and attach the binds inside the new root, so that absolute symlinks in
-   the rootfs resolve inside the sandbox, never on the host.
+   detached mount clones (open_tree), made read-only before they are attached anywhere.  A host
+   path is resolved once, on the host, and never again through a tree the sandbox could shape.
+3. One sized tmpfs holds everything writable: the overlay's upper and work dirs, and what becomes
+   /tmp, /run, /dev and /dev/shm — one budget for the whole sandbox.
+4. Stack the overlay and close the tree's descriptor at once: no descriptor of the host stays open
+   for a rootfs symlink through /proc/self/fd to reach.  Mount the new /proc while the host's is
+   still visible (the kernel only lets a user namespace mount proc where a full proc is visible).
+5. pivot_root into the overlay and detach the old root: nothing of the host stays reachable.
+6. Attach /dev, /tmp, /run and the binds inside the new root, on mount points resolved with
+   openat2(RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS): absolute symlinks in the rootfs resolve inside
+   the sandbox, magic links are refused, and nothing is ever created outside it.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import socket
@@ -30,7 +34,15 @@ DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 DEV_LINKS = {"fd": "/proc/self/fd", "stdin": "/proc/self/fd/0", "stdout": "/proc/self/fd/1",
              "stderr": "/proc/self/fd/2", "ptmx": "pts/ptmx"}
 HOST_NETWORK_FILES = ("/etc/resolv.conf", "/etc/hosts")
+#: Where the staging tmpfs goes before the pivot (in our private copy of the host's mounts).
 STAGING = "/tmp"
+#: Writable places carved out of the staging tmpfs: name -> mode.
+WRITABLE = {"tmp": 0o1777, "run": 0o755, "shm": 0o1777}
+#: Kernel knobs under /proc that host root could write through any procfs (bubblewrap's list).
+PROC_READ_ONLY = ("sys", "sysrq-trigger", "irq", "bus")
+#: Where binds may not go (nor onto / itself), whatever the rootfs's symlinks say.
+RESERVED = ("/proc", "/dev")
+_IN_ROOT = kernel.RESOLVE_IN_ROOT | kernel.RESOLVE_NO_MAGICLINKS
 
 
 class BindSpec:
@@ -42,105 +54,229 @@ class BindSpec:
         self.source, self.target, self.rw = source, target, rw
 
 
-def build(tree: str, binds: list[BindSpec], host_network: bool, host_root: bool = False) -> None:
+def build(tree: str, binds: list[BindSpec], host_network: bool, tmpfs_size: int,
+          host_root: bool = False) -> None:
     """Make the sandbox's root and pivot into it.  Raises KernelError naming the failed step.
 
     With `host_root`, the root is a read-only recursive clone of the host's own tree instead of an
     overlay (the `host` rootfs spec): nothing is copied, nothing of the host can be written.
     """
     kernel.mount(None, "/", None, MS_REC | MS_PRIVATE, operation="make mounts private")
-    lower = kernel.clone_mount("/", recursive=True) if host_root else _open_path(tree)
-    devices = {name: kernel.clone_mount(f"/dev/{name}") for name in DEVICES}
     if host_network:
         binds = [BindSpec(p, p, False) for p in HOST_NETWORK_FILES if os.path.exists(p)] + binds
-    sources = [kernel.clone_mount(b.source) for b in binds]
+    sources = [_clone_source(b) for b in binds]
+    devices = {name: kernel.clone_mount(f"/dev/{name}") for name in DEVICES}
+    if host_root:
+        lower = kernel.clone_mount("/", recursive=True)
+        kernel.set_read_only(lower, recursive=True)
+    else:
+        lower = _open_tree_dir(tree)
 
-    kernel.mount("tmpfs", STAGING, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0700",
-                 operation="mount staging tmpfs")
-    for name in ("upper", "work", "root"):
-        os.mkdir(f"{STAGING}/{name}", 0o755)
+    inodes = max(4096, tmpfs_size // 4096)
+    # Its root is never reachable from inside: after the pivot only the places carved out of it are.
+    kernel.mount("tmpfs", STAGING, "tmpfs", MS_NOSUID | MS_NODEV,
+                 f"mode=0755,size={tmpfs_size},nr_inodes={inodes}", operation="mount staging tmpfs")
+    for name, mode in {"upper": 0o755, "work": 0o700, "root": 0o755, "dev": 0o755, **WRITABLE}.items():
+        os.mkdir(f"{STAGING}/{name}")
+        os.chmod(f"{STAGING}/{name}", mode)  # not mkdir's mode: the owner's umask would apply
     new_root = f"{STAGING}/root"
     if host_root:
-        kernel.set_read_only(lower, recursive=True)
         kernel.attach_mount(lower, new_root, "/")
     else:
         kernel.mount("overlay", new_root, "overlay", 0,
                      f"lowerdir=/proc/self/fd/{lower},upperdir={STAGING}/upper,"
                      f"workdir={STAGING}/work,userxattr")
-    _ensure_dir(f"{new_root}/proc")
-    kernel.mount("proc", f"{new_root}/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    os.close(lower)  # from here on, nothing of the host is open for the rootfs to reach
+
+    root = os.open(new_root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    proc = _fixed_mount_point(root, "proc")
+    kernel.mount("proc", f"/proc/self/fd/{proc}", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                 operation="mount /proc")
+    os.close(proc)
+    dev = _build_dev(devices)
+    places = {name: kernel.clone_mount(f"{STAGING}/{name}") for name in ("tmp", "run")}
+    os.close(root)
 
     os.chdir(new_root)
     kernel.pivot_root(".", ".")
     # The old root now sits on top of the new one: detach it, and with it the staging tmpfs
-    # (the overlay keeps its upper and work dirs alive).
+    # (the overlay and the clones keep what they need of it alive).
     kernel.umount2(".", kernel.MNT_DETACH)
     os.chdir("/")
 
-    _build_dev(devices)
-    _mount_tmpfs("/tmp", "mode=1777")
-    _mount_tmpfs("/run", "mode=0755")
-    for bind, fd in zip(binds, sources):
-        _bind(fd, bind)
-    for fd in [lower, *devices.values(), *sources]:
-        os.close(fd)
-
-
-def _open_path(path: str) -> int:
+    root = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    pending = [dev, *places.values(), *sources]  # closed whatever happens
     try:
-        return os.open(path, os.O_PATH | os.O_CLOEXEC)
-    except OSError as exc:
-        raise kernel.KernelError(exc.errno or 0, "open", path) from None
+        _attach(dev, _fixed_mount_point(root, "dev"), "/dev")
+        for name, fd in places.items():
+            _attach(fd, _fixed_mount_point(root, name), f"/{name}")
+        for bind, fd in zip(binds, sources):
+            _attach(fd, _bind_target(root, bind.target, stat.S_ISDIR(os.fstat(fd).st_mode)), bind.source)
+    finally:
+        os.close(root)
+        for fd in pending:
+            try:
+                os.close(fd)
+            except OSError:
+                pass  # attached, and closed by _attach
 
 
-def _ensure_dir(path: str) -> None:
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        os.makedirs(path, 0o755)
-        return
-    if not stat.S_ISDIR(st.st_mode):
-        # A symlink here would be followed on the host before pivot_root: refuse it.
-        raise kernel.KernelError(20, "prepare mount point", path,
-                                 "the rootfs has something other than a directory there")
-
-
-def _mount_tmpfs(target: str, options: str) -> None:
-    _ensure_dir(target)
-    kernel.mount("tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV, options)
-
-
-def _build_dev(devices: dict[str, int]) -> None:
-    _mount_tmpfs("/dev", "mode=0755")
-    for name, fd in devices.items():
-        _touch(f"/dev/{name}")
-        kernel.attach_mount(fd, f"/dev/{name}", f"/dev/{name}")
-    os.mkdir("/dev/pts", 0o755)
-    kernel.mount("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC,
-                 "newinstance,ptmxmode=0666,mode=0620")
-    os.mkdir("/dev/shm", 0o1777)
-    kernel.mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
-    for name, target in DEV_LINKS.items():
-        os.symlink(target, f"/dev/{name}")
-
-
-def _touch(path: str) -> None:
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
-
-
-def _bind(fd: int, bind: BindSpec) -> None:
-    # The detached clone is still reachable through its descriptor: is the source a directory?
-    if os.path.isdir(f"/proc/self/fd/{fd}"):
-        os.makedirs(bind.target, 0o755, exist_ok=True)
-    else:
-        os.makedirs(os.path.dirname(bind.target), 0o755, exist_ok=True)
-        if not os.path.exists(bind.target):
-            _touch(bind.target)
-    # The clone is not recursive: a read-only remount only reaches the top mount, so submounts of
-    # the source would stay writable.
-    kernel.attach_mount(fd, bind.target, bind.source)
+def _clone_source(bind: BindSpec) -> int:
+    """A detached clone of a bind's source, read-only to its last submount unless `rw`."""
+    fd = kernel.clone_mount(bind.source, recursive=True)
     if not bind.rw:
-        kernel.remount_bind_readonly(bind.target)
+        kernel.set_read_only(fd, recursive=True)
+    return fd
+
+
+def _open_tree_dir(tree: str) -> int:
+    try:
+        return os.open(tree, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise kernel.KernelError(exc.errno or 0, "open the rootfs tree", tree) from None
+
+
+def _build_dev(devices: dict[str, int]) -> int:
+    """Fill the staging /dev and return a clone of it, submounts included, ready to attach."""
+    dev = f"{STAGING}/dev"
+    for name, fd in devices.items():
+        os.close(os.open(f"{dev}/{name}", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
+        kernel.attach_mount(fd, f"{dev}/{name}", f"/dev/{name}")
+        os.close(fd)
+    os.mkdir(f"{dev}/pts", 0o755)
+    kernel.mount("devpts", f"{dev}/pts", "devpts", MS_NOSUID | MS_NOEXEC,
+                 "newinstance,ptmxmode=0666,mode=0620")
+    os.mkdir(f"{dev}/shm", 0o755)
+    shm = kernel.clone_mount(f"{STAGING}/shm")
+    kernel.attach_mount(shm, f"{dev}/shm", "/dev/shm")
+    os.close(shm)
+    for name, target in DEV_LINKS.items():
+        os.symlink(target, f"{dev}/{name}")
+    return kernel.clone_mount(dev, recursive=True)
+
+
+def _attach(fd: int, target: int, source: str) -> None:
+    try:
+        kernel.attach_mount(fd, target, source)
+    finally:
+        os.close(target)
+
+
+def _fixed_mount_point(root: int, name: str) -> int:
+    """/proc, /dev, /tmp, /run: a directory of the rootfs (made if missing), never a symlink."""
+    try:
+        return kernel.openat2(root, name, os.O_PATH | os.O_DIRECTORY, kernel.RESOLVE_NO_SYMLINKS)
+    except kernel.KernelError as exc:
+        if exc.errno != errno.ENOENT:
+            raise kernel.KernelError(exc.errno or 0, "prepare mount point", f"/{name}",
+                                     "the rootfs must have a directory there, or nothing") from None
+    os.mkdir(name, 0o755, dir_fd=root)
+    return kernel.openat2(root, name, os.O_PATH | os.O_DIRECTORY, kernel.RESOLVE_NO_SYMLINKS)
+
+
+def _bind_target(root: int, path: str, directory: bool) -> int:
+    """An O_PATH descriptor of a bind's mount point inside the new root, made if missing.
+
+    Each missing component is created in its parent as resolved so far, and every step resolves
+    inside the root: a rootfs symlink may redirect a bind (Alpine's /var/run -> /run, Debian's
+    dangling /etc/resolv.conf -> ../run/...), never out of the sandbox, never through a magic
+    link, never into /proc or /dev.
+    """
+    parts = [part for part in path.split("/") if part]
+    depth, hops = 0, 0
+    while depth < len(parts):
+        sub = "/".join(parts[:depth + 1])
+        fd = _open_in_root(root, sub)
+        if fd is not None:
+            os.close(fd)
+            depth += 1
+            continue
+        parent = _open_in_root(root, "/".join(parts[:depth]) or ".")
+        if parent is None:
+            raise kernel.KernelError(errno.ENOENT, "prepare mount point", path)
+        try:
+            link = _readlink(parent, parts[depth])
+            if link is None:
+                _create(parent, parts[depth], directory or depth < len(parts) - 1, path)
+                continue
+        finally:
+            os.close(parent)
+        # A symlink to nothing: follow its text, still inside the root (openat2 keeps it there).
+        hops += 1
+        if hops > 40:
+            raise kernel.KernelError(errno.ELOOP, "prepare mount point", path)
+        base = [] if link.startswith("/") else parts[:depth]
+        parts = base + [part for part in link.split("/") if part] + parts[depth + 1:]
+        depth = 0
+    return _checked_target(_open_in_root(root, "/".join(parts)), path, directory)
+
+
+def _checked_target(fd: int | None, path: str, directory: bool) -> int:
+    if fd is None:
+        raise kernel.KernelError(errno.ENOENT, "prepare mount point", path)
+    try:
+        where = kernel.fd_path(fd)
+        if where == "/" or any(where == top or where.startswith(top + "/") for top in RESERVED):
+            raise kernel.KernelError(errno.EPERM, "prepare mount point", path,
+                                     f"the rootfs's symlinks lead it to {where}, where binds may not go")
+        if stat.S_ISDIR(os.fstat(fd).st_mode) != directory:
+            kind = "a directory" if directory else "a file"
+            raise kernel.KernelError(errno.ENOTDIR if directory else errno.EISDIR, "prepare mount point",
+                                     path, f"the source is {kind}, the target in the rootfs is not")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _open_in_root(root: int, path: str) -> int | None:
+    try:
+        return kernel.openat2(root, path, os.O_PATH, _IN_ROOT)
+    except kernel.KernelError as exc:
+        if exc.errno == errno.ENOENT:
+            return None
+        raise kernel.KernelError(exc.errno or 0, "prepare mount point", f"/{path}",
+                                 "a magic link or a loop in the rootfs's symlinks"
+                                 if exc.errno in (errno.ELOOP, errno.EXDEV) else "") from None
+
+
+def _readlink(parent: int, name: str) -> str | None:
+    try:
+        return os.readlink(name, dir_fd=parent)
+    except OSError:
+        return None  # not a symlink (or nothing at all)
+
+
+def _create(parent: int, name: str, directory: bool, path: str) -> None:
+    """Make `name` in `parent`, never through a symlink."""
+    try:
+        if directory:
+            os.mkdir(name, 0o755, dir_fd=parent)
+        else:
+            os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             0o644, dir_fd=parent))
+    except FileExistsError:
+        pass  # made meanwhile: the caller opens it next
+    except OSError as exc:
+        raise kernel.KernelError(exc.errno or 0, "create mount point", path) from None
+
+
+def protect_proc() -> None:
+    """Bind the host-wide kernel knobs under /proc read-only over themselves.
+
+    The kernel checks most sysctls by file owner alone, and the host's root owns them: when uid 0
+    inside is the host's root, a fresh procfs would let the sandbox write kernel.core_pattern.
+    """
+    for name in PROC_READ_ONLY:
+        path = f"/proc/{name}"
+        if not os.path.exists(path):
+            continue
+        fd = kernel.clone_mount(path, recursive=True)
+        try:
+            kernel.set_read_only(fd, recursive=True)
+            kernel.attach_mount(fd, path, path)
+        finally:
+            os.close(fd)
 
 
 def set_hostname(name: str) -> None:
@@ -155,16 +291,34 @@ def bring_up_loopback() -> None:
         fcntl.ioctl(s.fileno(), SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
 
 
-def relax_private_network() -> None:
+def write_sysctls(values: dict[str, str]) -> None:
+    """Write /proc/sys knobs of the sandbox's own namespaces; a knob this kernel lacks is skipped."""
+    for name, value in values.items():
+        try:
+            fd = os.open(f"/proc/sys/{name}", os.O_WRONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        try:
+            os.write(fd, value.encode())
+        finally:
+            os.close(fd)
+
+
+def private_network_sysctls() -> dict[str, str]:
     """In a private network namespace, let sandbox root bind low ports and ping, as on a host.
 
-    Commands run in a nested user namespace that does not own the network namespace, so without
-    this they could not bind port 80 — a surprise for a test that starts a web server.
+    Commands run in user namespaces that do not own the network namespace, so without this they
+    could not bind port 80 — a surprise for a test that starts a web server.  Only gid 0 is mapped
+    in the sandbox, so that is the group allowed to ping (a wider range is refused by the kernel).
     """
-    for path, value in (("/proc/sys/net/ipv4/ip_unprivileged_port_start", "0"),
-                        ("/proc/sys/net/ipv4/ping_group_range", "0 2147483647")):
-        try:
-            with open(path, "w") as f:
-                f.write(value)
-        except OSError:
-            pass  # a convenience, not isolation: older kernels lack these knobs
+    return {"net/ipv4/ip_unprivileged_port_start": "0", "net/ipv4/ping_group_range": "0 0"}
+
+
+def ipc_sysctls(tmpfs_size: int) -> dict[str, str]:
+    """SysV shared memory of the sandbox's IPC namespace, capped like its tmpfs.
+
+    Segments outlive the processes that fill them, so without a cap a loop of shmget/shmat/shmdt
+    would grow host memory past any per-process limit.
+    """
+    return {"kernel/shmmax": str(tmpfs_size), "kernel/shmall": str(max(1, tmpfs_size // 4096)),
+            "kernel/shmmni": "4096"}

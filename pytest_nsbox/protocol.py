@@ -14,7 +14,6 @@ import errno
 import marshal
 import os
 import socket
-import threading
 
 
 MAX_MESSAGE = 1 << 20
@@ -41,16 +40,18 @@ def send(sock: socket.socket, message: Message, fds: list[int] | tuple[int, ...]
         raise
 
 
-_buffers = threading.local()
+# The spawner and init are single-threaded and receive large requests (an exec's environment):
+# one buffer, made once, serves them; a fresh 1 MiB buffer per call cost more than the rest of
+# receiving.  The test process may receive from many threads, and only small replies: it passes
+# shared=False and gets a small buffer of its own per call.
+_buffer = bytearray(MAX_MESSAGE)
+_SMALL = 1 << 16
 
 
-def receive(sock: socket.socket, flags: int = 0) -> tuple[Message | None, list[int]]:
+def receive(sock: socket.socket, flags: int = 0, shared: bool = True) -> tuple[Message | None, list[int]]:
     """One message and the fds that came with it; (None, []) once the peer is gone."""
-    # Not socket.recv_fds: before Python 3.12 it drops `flags` (MSG_DONTWAIT would block).  Into a
-    # buffer kept per thread: a fresh 1 MiB buffer per call cost more than the rest of receiving.
-    buffer = getattr(_buffers, "buffer", None)
-    if buffer is None:
-        buffer = _buffers.buffer = bytearray(MAX_MESSAGE)
+    # Not socket.recv_fds: before Python 3.12 it drops `flags` (MSG_DONTWAIT would block).
+    buffer = _buffer if shared else bytearray(_SMALL)
     size, ancillary, _flags, _addr = sock.recvmsg_into([buffer], socket.CMSG_SPACE(MAX_FDS * 4), flags)
     data = bytes(buffer[:size])
     fds = array.array("i")

@@ -6,10 +6,12 @@ import errno
 import os
 import re
 import select
+import signal
 import socket
 import subprocess
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,7 +21,7 @@ from . import caps, protocol
 from .client import Spawner
 from .errors import ConfigError, SandboxClosed, SandboxSetupError, SandboxUnavailable
 from .rootfs import Rootfs, resolve
-from .settings import BASE_ENV, DEFAULT_PIDS_MAX, Mount, SandboxSettings
+from .settings import BASE_ENV, DEFAULT_OUTPUT_MAX, DEFAULT_PIDS_MAX, Mount, SandboxSettings
 
 PIPE = subprocess.PIPE
 DEVNULL = subprocess.DEVNULL
@@ -29,6 +31,16 @@ Command = Union[str, Sequence[str]]
 _CLOSE_TIMEOUT = 10.0
 _OUT_OF_MEMORY = re.compile(r"out of memory|cannot allocate memory|MemoryError|std::bad_alloc", re.I)
 _READ_CHUNK = 1 << 16
+_UNSET: Any = object()  # run(output_max=None) means "no cap", so "not given" needs its own value
+
+
+def _output_max(value: int | str | None) -> int | None:
+    from .settings import parse_size
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise ConfigError(f"bad value for 'output_max': {value!r}; allowed: bytes, a size such as "
+                          f"'16M', or None for no cap ({exc})") from None
 
 
 @dataclass
@@ -40,6 +52,7 @@ class CommandRecord:
     stderr_tail: str = ""
     duration: float = 0.0
     exit: ExitInfo | None = None
+    dropped: dict[str, int] = field(default_factory=dict)  # stream -> bytes beyond output_max
 
 
 @dataclass(frozen=True)
@@ -51,6 +64,7 @@ class Limits:
     memory_max: int | None
     memory_mechanism: str | None
     cgroup: dict[str, str] | None = None
+    tmpfs_size: int | None = None
 
     def describe(self) -> str:
         pids = f"pids_max {self.pids_max} by {self.pids_mechanism}" if self.pids_max else "PIDs uncapped"
@@ -58,7 +72,8 @@ class Limits:
             pids = f"pids_max {self.pids_max} NOT enforced (no mechanism here)"
         memory = f"memory_max {self.memory_max // (1 << 20)} MB by {self.memory_mechanism}" \
             if self.memory_max else "memory uncapped"
-        return f"{pids}; {memory}"
+        tmpfs = f"; writable layer and tmpfs {self.tmpfs_size // (1 << 20)} MB" if self.tmpfs_size else ""
+        return f"{pids}; {memory}{tmpfs}"
 
 
 @dataclass(frozen=True)
@@ -132,7 +147,7 @@ class _Channel:
                 return
             while True:
                 try:
-                    message, fds = protocol.receive(self.sock, socket.MSG_DONTWAIT)
+                    message, fds = protocol.receive(self.sock, socket.MSG_DONTWAIT, shared=False)
                 except BlockingIOError:
                     return
                 except OSError:
@@ -185,11 +200,13 @@ class Sandbox:
                  hostname: str = "nsbox", env: Mapping[str, str] | None = None,
                  mounts: Sequence[Mount | tuple[Any, ...]] = (), cwd: str = "/",
                  pids_max: int | None = DEFAULT_PIDS_MAX, memory_max: int | str | None = None,
-                 timeout: float | None = None):
+                 timeout: float | None = None, tmpfs_size: int | str | None = None,
+                 seccomp: bool = True, output_max: int | str | None = DEFAULT_OUTPUT_MAX):
         self.settings = SandboxSettings(rootfs=rootfs, cache_dir=cache_dir, network=network,  # type: ignore[arg-type]
                                         hostname=hostname, env=env or {}, mounts=tuple(mounts),
                                         cwd=cwd, pids_max=pids_max, memory_max=memory_max,
-                                        timeout=timeout)
+                                        timeout=timeout, tmpfs_size=tmpfs_size, seccomp=seccomp,
+                                        output_max=output_max)
         self.history: list[CommandRecord] = []
         self.rootfs: Rootfs | None = None
         self.init_pid: int | None = None
@@ -200,6 +217,7 @@ class Sandbox:
         self._channel: _Channel | None = None
         self._processes: list[SandboxProcess] = []
         self._deadline: float | None = None
+        self._pidfd = -1
         self._finalizer: weakref.finalize | None = None
 
     @classmethod
@@ -230,19 +248,24 @@ class Sandbox:
             "pids_max": self.settings.pids_max,
             "memory_max": self.settings.memory_max,
             "timeout": self.settings.timeout,
+            "tmpfs_size": self.settings.tmpfs_size,
+            "seccomp": self.settings.seccomp,
         }
-        sock, info = Spawner.get().create(spec)
-        protocol.send(sock, {"op": "hello"})  # the sandbox may have been prebuilt: its lifetime starts now
+        sock, pidfd, info = Spawner.get().create(spec)
+        self._pidfd, self.init_pid = pidfd, info["init"]
+        # If the owner forgets close(), dropping the last reference still ends the sandbox.
+        self._finalizer = weakref.finalize(self, _end, sock, pidfd)
+        try:
+            protocol.send(sock, {"op": "hello"})  # the sandbox may have been prebuilt: its lifetime starts now
+        except OSError:
+            pass  # init died during setup: the error it sent first is read below
         plan = caps.CapPlan.from_json(info["caps"])
         if info.get("cgroup"):
             self._cgroup = caps.SandboxCgroup(info["cgroup_version"], info["cgroup"])
         self.limits = Limits(self.settings.pids_max, plan.mechanism, self.settings.memory_max,
                              plan.memory_mechanism if self.settings.memory_max else None,
-                             info.get("cgroup"))
-        channel = _Channel(sock)
-        # If the owner forgets close(), dropping the last reference still ends the sandbox.
-        self._finalizer = weakref.finalize(self, sock.close)
-        self._channel = channel
+                             info.get("cgroup"), info["tmpfs_size"])
+        channel = self._channel = _Channel(sock)
         self._deadline = time.monotonic() + self.settings.timeout if self.settings.timeout else None
         try:
             self._await_ready(channel)
@@ -252,22 +275,14 @@ class Sandbox:
         return self
 
     def _await_ready(self, channel: _Channel) -> None:
-        # Two events, in either order: the monitor reports init's host PID after forking it, and
-        # init may finish its whole setup (a prebuilt sandbox) before the monitor is scheduled.
-        ready = False
-        while not (ready and self.init_pid is not None):
-            event = channel.next_event(timeout=30.0)
-            if event is None:
-                raise SandboxSetupError("the sandbox did not start within 30 s (or died silently)")
-            if event["op"] == "init":
-                self.init_pid = event["pid"]
-            elif event["op"] == "ready":
-                self.namespaces = event["namespaces"]
-                ready = True
-            elif event["op"] == "error":
-                error = SandboxUnavailable if event.get("unavailable") else SandboxSetupError
-                raise error(f"cannot create a sandbox over {self.rootfs.tree if self.rootfs else '?'}: "
-                            f"{event['message']}")
+        event = channel.next_event(timeout=30.0)
+        if event is None:
+            raise SandboxSetupError("the sandbox did not start within 30 s (or died silently)")
+        if event["op"] == "error":
+            error = SandboxUnavailable if event.get("unavailable") else SandboxSetupError
+            raise error(f"cannot create a sandbox over {self.rootfs.tree if self.rootfs else '?'}: "
+                        f"{event['message']}")
+        self.namespaces = event["namespaces"]
 
     def close(self) -> None:
         """End the sandbox: every process in it is killed and every mount is gone on return."""
@@ -277,15 +292,15 @@ class Sandbox:
         for process in self._processes:
             process._close_pipes()
         self._processes.clear()
-        try:
-            channel.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-        # Our end reads EOF only when init and its monitor have both exited, i.e. once the kernel
-        # has killed and reaped everything in the sandbox's PID namespace.
-        channel.wait_for(lambda: channel.eof, _CLOSE_TIMEOUT)
+        # PID 1's death takes the whole PID namespace with it, and its pidfd reads ready only once
+        # the kernel has killed and reaped every other process in it: nothing init or its commands
+        # do can delay this.
+        if not _kill_and_wait(self._pidfd, _CLOSE_TIMEOUT):
+            warnings.warn(f"sandbox init {self.init_pid} was still dying after {_CLOSE_TIMEOUT:g} s",
+                          ResourceWarning, stacklevel=2)
         if self._finalizer is not None:
             self._finalizer()
+        self._pidfd = -1
         if self._cgroup is not None:
             # Empty now; the spawner would remove it too, but close() promises it is gone.
             caps.destroy_dirs(list(self._cgroup.dirs.values()), self._cgroup.version)
@@ -297,6 +312,8 @@ class Sandbox:
     def _live_channel(self) -> _Channel:
         if self._channel is None:
             raise SandboxClosed("this sandbox is not started or already closed")
+        if self._deadline is not None and time.monotonic() >= self._deadline:
+            self._channel.expired = True  # init is killing everything now, if it has not yet
         if self._channel.expired:
             raise SandboxClosed(f"this sandbox's lifetime of {self.settings.timeout} s expired; "
                                 "its processes were killed")
@@ -344,18 +361,21 @@ class Sandbox:
     def run(self, args: Command, *, input: str | bytes | None = None,
             env: Mapping[str, str] | None = None, cwd: str | None = None,
             timeout: float | None = None, check: bool = False,
-            text: bool = True) -> subprocess.CompletedProcess:
+            text: bool = True, output_max: int | str | None = _UNSET) -> subprocess.CompletedProcess:
         """Run a command to completion, like `subprocess.run(..., capture_output=True)`.
 
         A `str` runs through `/bin/sh -c`.  On timeout every process the command started is killed
-        and `subprocess.TimeoutExpired` raised; `check=True` raises `CalledProcessError`.
+        and `subprocess.TimeoutExpired` raised; `check=True` raises `CalledProcessError`.  Of each
+        of stdout and stderr, the first `output_max` bytes are kept (default: the sandbox's
+        setting, 64 MiB); the rest is read and dropped, and a line saying how much ends the text.
         """
+        limit = self.settings.output_max if output_max is _UNSET else _output_max(output_max)
         before = self._cgroup.stats() if self._cgroup else {}
         process = self.spawn(args, stdin=PIPE if input is not None else None, stdout=PIPE,
                              stderr=PIPE, env=env, cwd=cwd, text=text)
         effective = self._effective_timeout(timeout)
         try:
-            stdout, stderr = process.communicate(input, timeout=effective)
+            stdout, stderr = process._communicate(input, effective, limit)
         except subprocess.TimeoutExpired:
             process._finish_after_timeout()
             sandbox_limit = timeout is None or (effective is not None and effective < timeout)
@@ -492,10 +512,15 @@ class SandboxProcess:
         """Feed stdin, read stdout/stderr until the command exits, then return what it wrote.
 
         Returns once the command has exited and its pipes are drained, even if processes it left
-        in the background still hold them open (their later output is not collected).
+        in the background still hold them open (their later output is not collected).  Keeps at
+        most the sandbox's `output_max` bytes of each stream, like `Sandbox.run`.
         """
+        return self._communicate(input, timeout, self.sandbox.settings.output_max)
+
+    def _communicate(self, input: str | bytes | None, timeout: float | None,
+                     limit: int | None) -> tuple[Any, Any]:
         deadline = None if timeout is None else time.monotonic() + timeout
-        chunks: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
+        captures = {"stdout": _Capture("stdout", limit), "stderr": _Capture("stderr", limit)}
         poller = select.poll()
         names: dict[int, str] = {}
         pending_input = _encode(input)
@@ -517,24 +542,25 @@ class SandboxProcess:
         while self.poll() is None:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
-                raise subprocess.TimeoutExpired(self.args, timeout, _join(chunks["stdout"]),
-                                                _join(chunks["stderr"]))
+                raise subprocess.TimeoutExpired(self.args, timeout, captures["stdout"].value(),
+                                                captures["stderr"].value())
             wait = 0.1 if remaining is None else min(remaining, 0.1)
             for fd, _event in poller.poll(wait * 1000):
                 name = names.get(fd)
                 if name == "stdin":
                     pending_input = self._feed(poller, fd, pending_input)
-                elif name is not None and not _read_into(fd, chunks[name]):
+                elif name is not None and not captures[name].read(fd):
                     poller.unregister(fd)
                     del names[fd]
-        # The command is gone: everything it wrote is in the pipes now.
+        # The command is gone: what it wrote is in the pipes now.  A process it left in the
+        # background may go on writing into them: take what a pipe can hold, not a byte more.
         for name in ("stdout", "stderr"):
             stream = getattr(self, name)
             if stream is not None:
-                while _read_into(stream.fileno(), chunks[name]):
-                    pass
-        out, err = _join(chunks["stdout"]), _join(chunks["stderr"])
+                captures[name].drain(stream.fileno())
+        out, err = captures["stdout"].value(), captures["stderr"].value()
         self._record.stderr_tail = _tail(err)
+        self._record.dropped = {name: c.dropped for name, c in captures.items() if c.dropped}
         if self.stdout is None:
             out = None
         if self.stderr is None:
@@ -679,16 +705,47 @@ def _file_error(verb: str, path: str, stderr: str | bytes) -> OSError:
     return OSError(code, f"cannot {verb} {path} in the sandbox: {message.strip()}", path)
 
 
-def _read_into(fd: int, chunks: list[bytes]) -> bool:
-    """Read what is there; False at EOF or when nothing more is available right now."""
-    try:
-        data = os.read(fd, _READ_CHUNK)
-    except BlockingIOError:
-        return False
-    if not data:
-        return False
-    chunks.append(data)
-    return True
+class _Capture:
+    """What is kept of one output stream: its first `limit` bytes; the rest is read and counted."""
+
+    #: After the command has exited, read at most this much more: what a pipe can hold (up to
+    #: /proc/sys/fs/pipe-max-size, 1 MiB by default), not whatever a background writer adds.
+    DRAIN = 4 << 20
+
+    def __init__(self, name: str, limit: int | None):
+        self.name = name
+        self.limit = limit
+        self.chunks: list[bytes] = []
+        self.kept = 0
+        self.dropped = 0
+
+    def read(self, fd: int) -> bool:
+        """Read what is there; False at EOF or when nothing more is available right now."""
+        try:
+            data = os.read(fd, _READ_CHUNK)
+        except BlockingIOError:
+            return False
+        if not data:
+            return False
+        room = len(data) if self.limit is None else max(0, self.limit - self.kept)
+        if room:
+            self.chunks.append(data[:room])
+            self.kept += min(room, len(data))
+        self.dropped += len(data) - min(room, len(data))
+        return True
+
+    def drain(self, fd: int) -> None:
+        budget = self.DRAIN
+        before = self.kept + self.dropped
+        while self.kept + self.dropped - before < budget and self.read(fd):
+            pass
+
+    def value(self) -> bytes:
+        data = b"".join(self.chunks)
+        if self.dropped:
+            data += (f"\n[nsbox: {self.dropped} more bytes of {self.name} were dropped: output_max "
+                     f"is {self.limit}]\n").encode()
+        return data
 
 
 def _encode(data: str | bytes | None) -> bytes:
@@ -697,9 +754,28 @@ def _encode(data: str | bytes | None) -> bytes:
     return data.encode() if isinstance(data, str) else bytes(data)
 
 
-def _join(chunks: list[bytes]) -> bytes:
-    return b"".join(chunks)
-
-
 def _tail(data: bytes, lines: int = 10) -> str:
     return "\n".join(data.decode("utf-8", errors="replace").splitlines()[-lines:])
+
+
+def _kill_and_wait(pidfd: int, timeout: float) -> bool:
+    """SIGKILL a sandbox's init by its pidfd; True once it and its PID namespace are gone."""
+    if pidfd < 0:
+        return True
+    try:
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except ProcessLookupError:
+        return True
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(timeout * 1000))
+
+
+def _end(sock: socket.socket, pidfd: int) -> None:
+    """The last thing a sandbox does, from close() or when it is garbage-collected unclosed."""
+    try:
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except OSError:
+        pass
+    os.close(pidfd)
+    sock.close()

@@ -20,6 +20,10 @@ from .errors import ConfigError
 
 #: PIDs are capped unless a caller says otherwise: a fork bomb must never reach the host.
 DEFAULT_PIDS_MAX = 512
+#: Below this a sandbox's own /dev and /run cannot even be made.
+MIN_TMPFS_SIZE = 1 << 20
+#: What `run()` keeps of each of stdout and stderr; the rest is read and dropped, with a marker.
+DEFAULT_OUTPUT_MAX = 64 << 20
 
 NETWORK_MODES = ("none", "host")
 _HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
@@ -83,6 +87,13 @@ class SandboxSettings:
     pids_max: int | None = DEFAULT_PIDS_MAX
     memory_max: Union[int, str, None] = None
     timeout: float | None = None
+    #: Everything the sandbox writes (its root's changes, /tmp, /run, /dev/shm) shares one tmpfs of
+    #: this size; None: memory_max if set, else 1 GiB or an eighth of the RAM, whichever is less.
+    tmpfs_size: Union[int, str, None] = None
+    #: The syscall filter of docs/security.md; False turns it off.
+    seccomp: bool = True
+    #: Bytes of each of stdout and stderr that `run()` keeps (None: no cap).
+    output_max: Union[int, str, None] = DEFAULT_OUTPUT_MAX
 
     def __post_init__(self) -> None:
         if self.network not in NETWORK_MODES:
@@ -109,6 +120,15 @@ class SandboxSettings:
         if self.timeout is not None and (isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float))
                                          or not self.timeout > 0 or math.isinf(self.timeout)):
             raise ConfigError(_bad("timeout", self.timeout, "a positive number of seconds or None"))
+        for key in ("tmpfs_size", "output_max"):
+            try:
+                object.__setattr__(self, key, parse_size(getattr(self, key)))
+            except ValueError as exc:
+                raise ConfigError(_bad(key, getattr(self, key), f"bytes or a size such as '256M' ({exc})")) from None
+        if self.tmpfs_size is not None and self.tmpfs_size < MIN_TMPFS_SIZE:
+            raise ConfigError(_bad("tmpfs_size", self.tmpfs_size, f"at least {MIN_TMPFS_SIZE >> 20} MiB"))
+        if not isinstance(self.seccomp, bool):
+            raise ConfigError(_bad("seccomp", self.seccomp, "True or False"))
 
     @classmethod
     def keys(cls) -> tuple[str, ...]:

@@ -1,45 +1,41 @@
-"""The spawner: a small single-threaded process that forks every sandbox.
+"""The spawner: a small single-threaded process that clones every sandbox's init.
 
 Forking the test process itself would cost more the bigger it grows (a 2 GB pytest forks ~20x
-slower than a 50 MB one), and a multi-threaded process — every pytest-xdist worker — can neither
-create a user namespace (EINVAL) nor safely run Python code after fork.  So the test process
-starts one spawner, once, and asks it for sandboxes over a socket.
+slower than a 50 MB one), and a multi-threaded process — every pytest-xdist worker — cannot safely
+run Python code after fork.  So the test process starts one spawner, once, and asks it for
+sandboxes over a socket::
 
-Process tree of one sandbox, and why each level exists::
+    test process ──socket──> spawner       (one per test process; exits when the socket closes)
+                               └─ init     (PID 1 of a sandbox: clone3 with every CLONE_NEW*;
+                                             dies with the spawner: PDEATHSIG)
 
-    test process ──socket──> spawner            (one per test process; exits when the socket closes)
-                               └─ monitor       (unshares the namespaces, writes the id maps,
-                                   │             waits for init; dies with the spawner: PDEATHSIG)
-                                   └─ init, PID 1 of the sandbox  (layout, then serves requests;
-                                        │                           dies with the monitor: PDEATHSIG)
-                                        └─ commands (setsid, exec)
-
-The monitor and init hold the sandbox's socket, so the owner sees it close only once init has
-exited and the kernel has killed and reaped everything in the sandbox's PID namespace.
-
-Every sandbox costs two forks of a process the size of the spawner, and on virtual machines fork
-time grows with the forking process's memory (here 0.8 ms at 10 MB, 1.3 ms at 19 MB).  So the
-modules the spawner loads (this one, init, layout, kernel, caps, protocol) import only small parts
-of the stdlib: no typing, dataclasses, pathlib, secrets or hashlib.
+Every sandbox and every command is a clone of a process the size of the spawner, and on virtual
+machines a clone costs more the more memory it copies.  So the modules the spawner loads (this
+one, init, layout, kernel, seccomp, caps, protocol) import only small parts of the stdlib: no
+typing, dataclasses, pathlib, hashlib or threading.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 import signal
 import socket
 import sys
 
-from . import caps, init, kernel, protocol
+from . import caps, init, kernel, protocol, seccomp
 
-TYPE_CHECKING = False  # not typing.TYPE_CHECKING: the spawner must not import typing (see spawner.py)
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: the spawner must not import typing
 if TYPE_CHECKING:
     from typing import Any
 
 
 SANDBOX_FLAGS = (kernel.CLONE_NEWUSER | kernel.CLONE_NEWNS | kernel.CLONE_NEWPID | kernel.CLONE_NEWIPC
-                 | kernel.CLONE_NEWUTS | kernel.CLONE_NEWCGROUP)
+                 | kernel.CLONE_NEWUTS)
+#: Without a memory cap the sandbox's tmpfs gets this much, or an eighth of the RAM if less.
+DEFAULT_TMPFS_SIZE = 1 << 30
+MIN_TMPFS_SIZE = 1 << 20  # settings.MIN_TMPFS_SIZE; settings is not loaded here (dataclasses)
 
 
 def namespace_flags(network: str) -> int:
@@ -49,17 +45,23 @@ def namespace_flags(network: str) -> int:
 class Spawner:
     def __init__(self, control: socket.socket):
         self.control = control
-        self.pid = os.getpid()
+        # Every init checks this after arming its death signal: a pidfd reads ready once we are gone.
+        self.alive = os.pidfd_open(os.getpid())
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.plan = caps.detect()
         caps.sweep_stale(self.plan)
-        self.monitors: dict[int, caps.SandboxCgroup | None] = {}  # pid -> its sandbox's cgroup
+        self.identity = {"uid": os.getuid(), "gid": os.getgid(),
+                         "protect_proc": caps.is_global_root(),
+                         "mechanism": self.plan.mechanism,
+                         "memory_mechanism": self.plan.memory_mechanism}
+        self.default_tmpfs = min(DEFAULT_TMPFS_SIZE, _memory_total() // 8)
+        self.seccomp_program = _seccomp_program()
+        self.inits: dict[int, caps.SandboxCgroup | None] = {}  # pid -> its sandbox's cgroup
         # Sandboxes prebuilt for the spec last asked for: per-test sandboxes tend to repeat their
-        # spec, so the next ones are built while the current test runs.  Two, so that with quick
-        # tests two builds overlap on a second core.
-        self.prefork = _prefork_depth()
+        # spec, so the next ones are built while the current test runs.
+        self.prefork = prefork_depth()
         self.spare_key: str | None = None
-        self.spares: list[tuple[socket.socket, dict[str, Any]]] = []
+        self.spares: list[tuple[socket.socket, int, dict[str, Any]]] = []
 
     def serve(self) -> None:
         signal.set_wakeup_fd(self.wake_w)
@@ -96,16 +98,17 @@ class Spawner:
             self.drop_spares()
             self.spare_key = key
         if self.spares:
-            sock, info = self.spares.pop(0)
+            sock, pidfd, info = self.spares.pop(0)
         else:
             try:
-                sock, info = self.build(spec)
+                sock, pidfd, info = self.build(spec)
             except OSError as exc:
-                protocol.send(self.control, {"op": "error", "message": kernel.describe(
-                    exc.errno or 0, "create the sandbox's cgroup", exc.filename)})
+                protocol.send(self.control, {"op": "error", "message": str(exc),
+                                             "unavailable": _unavailable(exc)})
                 return
-        protocol.send(self.control, info, [sock.fileno()])
+        protocol.send(self.control, info, [sock.fileno(), pidfd])
         sock.close()
+        os.close(pidfd)
         while len(self.spares) < self.prefork:
             try:
                 self.spares.append(self.build(spec))
@@ -113,53 +116,94 @@ class Spawner:
                 break  # the next request builds on demand and reports the error
 
     def drop_spares(self) -> None:
-        for sock, _info in self.spares:
-            sock.close()  # its init sees EOF and ends the unwanted sandbox
+        for sock, pidfd, _info in self.spares:
+            _kill_init(pidfd)
+            sock.close()
         self.spares.clear()
 
-    def build(self, spec: dict[str, Any]) -> tuple[socket.socket, dict[str, Any]]:
-        """Fork a sandbox's monitor; return our end of its socket and the `created` reply."""
-        # The cgroup exists before the monitor does, so whatever happens next, reaping the monitor
-        # (or, if we are SIGKILLed, the next session's sweep) removes it.
-        cgroup = caps.SandboxCgroup.create(self.plan, self.pid, spec.get("pids_max"),
+    def build(self, spec: dict[str, Any]) -> tuple[socket.socket, int, dict[str, Any]]:
+        """Clone a sandbox's init; return our end of its socket, its pidfd and the `created` reply."""
+        # The cgroup exists before init does, so whatever happens next, reaping init (or, if we
+        # are SIGKILLed, the next session's sweep) removes it.
+        cgroup = caps.SandboxCgroup.create(self.plan, os.getpid(), spec.get("pids_max"),
                                            spec.get("memory_max"))
-        spec = {**spec, "mechanism": self.plan.mechanism,
-                "memory_mechanism": self.plan.memory_mechanism,
-                "cgroup": cgroup.dirs if cgroup else None}
+        size = tmpfs_size(spec.get("tmpfs_size"), spec.get("memory_max"), self.default_tmpfs)
+        child_spec = {**spec, **self.identity, "tmpfs_size": size}
+        if spec.get("seccomp", True):
+            if isinstance(self.seccomp_program, str):
+                raise OSError(errno.ENOSYS, self.seccomp_program)
+            child_spec["seccomp_program"] = self.seccomp_program
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        pid = os.fork()
+        cgroup_fd, go_r, go_w = -1, -1, -1
+        try:
+            if cgroup is not None and cgroup.version == 2:
+                cgroup_fd = cgroup.open()  # clone3 puts init straight into it
+            elif cgroup is not None:
+                go_r, go_w = os.pipe2(os.O_CLOEXEC)
+            pid, pidfd = kernel.clone(namespace_flags(spec["network"]), cgroup_fd,
+                                      what="create the sandbox (clone its init)")
+        except OSError:
+            for fd in (cgroup_fd, go_r, go_w):
+                if fd >= 0:
+                    os.close(fd)
+            ours.close()
+            theirs.close()
+            if cgroup is not None:
+                cgroup.destroy()
+            raise
         if pid == 0:
             ours.close()
-            self._become_child()
-            monitor(theirs, spec, self.pid)
+            if go_w >= 0:
+                os.close(go_w)
+            self._become_child(cgroup_fd)
+            init.main(theirs, child_spec, self.alive, go_r)
         theirs.close()
-        self.monitors[pid] = cgroup
-        return ours, {"op": "created", "monitor": pid, "caps": self.plan.to_json(),
-                      "cgroup": cgroup.dirs if cgroup else None,
-                      "cgroup_version": cgroup.version if cgroup else None}
+        if cgroup_fd >= 0:
+            os.close(cgroup_fd)
+        self.inits[pid] = cgroup
+        if go_r >= 0:
+            os.close(go_r)
+            self._place(pid, cgroup, go_w)
+        return ours, pidfd, {"op": "created", "init": pid, "caps": self.plan.to_json(),
+                             "cgroup": cgroup.dirs if cgroup else None,
+                             "cgroup_version": cgroup.version if cgroup else None,
+                             "tmpfs_size": size}
 
-    def _become_child(self) -> None:
+    @staticmethod
+    def _place(pid: int, cgroup: caps.SandboxCgroup, go: int) -> None:
+        """cgroup v1 has no CLONE_INTO_CGROUP: move init, then let it go on (it forks nothing before)."""
+        try:
+            cgroup.join(pid)
+            os.write(go, b"g")
+        except OSError:
+            pass  # init reads EOF instead of "g" and reports that it was not placed
+        finally:
+            os.close(go)
+
+    def _become_child(self, cgroup_fd: int) -> None:
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         self.control.close()
         os.close(self.wake_r)
         os.close(self.wake_w)
-        for sock, _info in self.spares:
-            sock.close()  # other sandboxes' sockets: not ours to hold
+        if cgroup_fd >= 0:
+            os.close(cgroup_fd)
+        for sock, pidfd, _info in self.spares:
+            sock.close()  # other sandboxes: not ours to hold
+            os.close(pidfd)
 
     def shutdown(self) -> None:
         """The owner is gone: end every sandbox and remove every cgroup we made, then leave.
 
-        Monitors would die with us anyway (PDEATHSIG), but their cgroups would stay behind, and
-        they and their inits would linger as zombies until the host's PID 1 reaps them.  As a
-        subreaper we inherit each init whose monitor is killed, so when wait() says there are no
-        children left, nothing of any sandbox is left either.
+        Inits would die with us anyway (PDEATHSIG), but their cgroups would stay behind, and they
+        would linger as zombies until the host's PID 1 reaps them.  As their parent we reap them,
+        so when wait() says there are no children left, nothing of any sandbox is left either.
         """
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         self.drop_spares()
-        for pid in self.monitors:
+        for pid in self.inits:
             try:
-                os.kill(pid, signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)  # unreaped children: their PIDs cannot be reused
             except ProcessLookupError:
                 pass
         while True:
@@ -175,8 +219,8 @@ class Spawner:
             self._forget(pid)
 
     def _forget(self, pid: int) -> None:
-        """A monitor (or an inherited init) was reaped: its sandbox is gone, and so is its cgroup."""
-        cgroup = self.monitors.pop(pid, None)
+        """An init was reaped: its sandbox is gone, and so is its cgroup."""
+        cgroup = self.inits.pop(pid, None)
         if cgroup:
             try:
                 cgroup.destroy()
@@ -184,62 +228,73 @@ class Spawner:
                 pass  # the next session's sweep retries
 
 
-def _prefork_depth() -> int:
-    value = os.environ.get("NSBOX_PREFORK", "2")
-    return int(value) if value.isdigit() else 2
+def tmpfs_size(explicit: int | None, memory_max: int | None, default: int) -> int:
+    """The sandbox's tmpfs budget: as asked, else half of memory_max — so that files filling it end
+    in ENOSPC, leaving the processes room, rather than in an out-of-memory kill — else `default`."""
+    if explicit:
+        return explicit
+    if memory_max:
+        return max(MIN_TMPFS_SIZE, min(default, memory_max // 2))
+    return default
 
 
-def monitor(sock: socket.socket, spec: dict[str, Any], spawner_pid: int) -> None:
-    """The sandbox's outer process.  Never returns."""
+def prefork_depth(environ: dict[str, str] | None = None) -> int:
+    """How many spares to keep: NSBOX_PREFORK, else the CPUs this process may use shared out
+    between pytest-xdist's workers, at most two (more spares than cores only steal the test's CPU)."""
+    environ = os.environ if environ is None else environ
+    value = environ.get("NSBOX_PREFORK", "")
+    if value.isdigit():
+        return int(value)
+    workers = environ.get("PYTEST_XDIST_WORKER_COUNT", "1")
+    cpus = len(os.sched_getaffinity(0))
+    return max(1, min(2, cpus // max(1, int(workers) if workers.isdigit() else 1)))
+
+
+def _seccomp_program() -> bytes | str:
+    """The filter, built once (every init installs the same bytes), or why it cannot be had."""
     try:
-        kernel.set_parent_death_signal(signal.SIGKILL)
-        if os.getppid() != spawner_pid:
-            os._exit(1)  # the spawner died before the death signal was armed
-        kernel.set_process_name("nsbox-monitor")
-        if spec.get("cgroup"):
-            # Before unshare: inside the new user namespace we could no longer write the host's
-            # cgroup files.  Everything the sandbox forks from here on is counted.
-            caps.SandboxCgroup(0, spec["cgroup"]).join()
-        uid, gid = os.getuid(), os.getgid()
-        kernel.unshare(namespace_flags(spec["network"]))
-        kernel.write_id_maps(uid, gid)
-        alive_r, alive_w = os.pipe2(os.O_CLOEXEC)
-        os.set_blocking(alive_r, False)
-        pid = os.fork()
-        if pid == 0:
-            os.close(alive_w)
-            init.main(sock, spec, alive_r)
-        os.close(alive_r)
-        protocol.send(sock, {"op": "init", "pid": pid})
-        os.waitpid(pid, 0)
+        return seccomp.program()
     except OSError as exc:
-        try:
-            protocol.send(sock, {"op": "error", "message": str(exc), "errno": exc.errno,
-                                 "unavailable": True})
-        except OSError:
-            pass
-        os._exit(1)
-    os._exit(0)
+        return f"{exc}; pass seccomp=False to make sandboxes without the syscall filter"
+
+
+def _memory_total() -> int:
+    for line in kernel.read_text("/proc/meminfo").splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) * 1024
+    return 8 << 30
+
+
+def _kill_init(pidfd: int) -> None:
+    try:
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    os.close(pidfd)
+
+
+def _unavailable(exc: OSError) -> bool:
+    """Whether a failed clone means this host cannot make sandboxes at all (policy, not load)."""
+    return exc.errno in (errno.EPERM, errno.EACCES, errno.ENOSPC, errno.EINVAL, errno.ENOSYS)
 
 
 def probe(network: str) -> dict[str, Any]:
-    """Can sandboxes be made here?  Forks a child that makes namespaces and an overlay, like a
-    sandbox does, and reports the first failure with its cause."""
+    """Can sandboxes be made here?  Clones a child that takes every step a sandbox needs — user,
+    mount, PID, IPC, UTS (and network) namespaces, id maps, a tmpfs, an overlay, a fresh /proc, a
+    host name, loopback — and reports the first failure with its cause."""
+    uid, gid = os.getuid(), os.getgid()
     r, w = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
+    try:
+        pid, pidfd = kernel.clone(namespace_flags(network), what="create namespaces")
+    except OSError as exc:
+        os.close(r)
+        os.close(w)
+        return {"ok": False, "error": str(exc)}
     if pid == 0:
         os.close(r)
         message = b""
-        uid, gid = os.getuid(), os.getgid()
         try:
-            kernel.unshare(namespace_flags(network))
-            kernel.write_id_maps(uid, gid)
-            kernel.mount(None, "/", None, kernel.MS_REC | kernel.MS_PRIVATE, operation="make mounts private")
-            kernel.mount("tmpfs", "/tmp", "tmpfs", 0, "mode=0700", operation="mount tmpfs")
-            for name in ("lower", "upper", "work", "root"):
-                os.mkdir(f"/tmp/{name}")
-            kernel.mount("overlay", "/tmp/root", "overlay", 0,
-                         "lowerdir=/tmp/lower,upperdir=/tmp/upper,workdir=/tmp/work,userxattr")
+            _probe_steps(uid, gid, network)
         except OSError as exc:
             message = str(exc).encode()
         except BaseException as exc:  # noqa: BLE001
@@ -247,10 +302,42 @@ def probe(network: str) -> dict[str, Any]:
         os.write(w, message)
         os._exit(0)
     os.close(w)
+    os.close(pidfd)
     with os.fdopen(r, "rb") as f:
         error = f.read().decode()
     os.waitpid(pid, 0)
     return {"ok": not error, "error": error}
+
+
+def _probe_steps(uid: int, gid: int, network: str) -> None:
+    kernel.write_id_maps(uid, gid)
+    kernel.mount(None, "/", None, kernel.MS_REC | kernel.MS_PRIVATE, operation="make mounts private")
+    kernel.mount("tmpfs", "/tmp", "tmpfs", 0, "mode=0700,size=1m", operation="mount tmpfs")
+    for name in ("lower", "upper", "work", "root", "proc"):
+        os.mkdir(f"/tmp/{name}")
+    kernel.mount("overlay", "/tmp/root", "overlay", 0,
+                 "lowerdir=/tmp/lower,upperdir=/tmp/upper,workdir=/tmp/work,userxattr")
+    kernel.mount("proc", "/tmp/proc", "proc", kernel.MS_NOSUID | kernel.MS_NODEV | kernel.MS_NOEXEC)
+    socket.sethostname("nsbox-probe")
+    if network == "none":
+        from . import layout
+        layout.bring_up_loopback()
+
+
+def _shun_the_oom_killer() -> None:
+    """Root may keep the out-of-memory killer away from the spawner and every init it makes
+    (each command raises its own score again); a normal user may not, and commands then rank
+    above init anyway (see init.COMMAND_OOM_SCORE_ADJ)."""
+    try:
+        fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.write(fd, b"-1000")
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def main(control_fd: int) -> None:
@@ -260,6 +347,7 @@ def main(control_fd: int) -> None:
     try:
         kernel.set_process_name("nsbox-spawner")
         kernel.become_subreaper()
+        _shun_the_oom_killer()
         Spawner(control).serve()
     except BaseException as exc:  # noqa: BLE001 - tell the owner why, instead of dying silently
         try:

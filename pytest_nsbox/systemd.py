@@ -23,7 +23,7 @@ import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .caps import SCOPE_NOTE_ENV, SCOPE_UNIT_ENV, cgroup_mounts, host_uid
+from .caps import SCOPE_NOTE_ENV, SCOPE_UNIT_ENV, cgroup_mounts, is_global_root
 from .kernel import read_text
 
 SWITCH = "NSBOX_SYSTEMD_SCOPE"  # off | no | 0: never start the spawner in a scope
@@ -55,7 +55,7 @@ def decide(environ: Mapping[str, str] | None = None, uid: int | None = None,
     v1, where a v2 scope could cap nothing.
     """
     environ = os.environ if environ is None else environ
-    uid = host_uid() if uid is None else uid
+    uid = (0 if is_global_root() else max(1, os.getuid())) if uid is None else uid
     if environ.get(SWITCH, "").lower() in ("off", "no", "0", "false"):
         return Decision(None)
     if uid == 0 or environ.get("NSBOX_CGROUP_PARENT"):

@@ -7,12 +7,16 @@ import time
 
 
 def processes_in_pid_namespace(ns: str) -> list[int]:
-    """Host PIDs of the processes whose PID namespace is `ns` ('pid:[4026...]')."""
+    """Host PIDs of the live processes whose PID namespace is `ns` ('pid:[4026...]').
+
+    A zombie keeps its PID namespace until it is reaped (a closed sandbox's init, for the moment
+    before the spawner reaps it), but it runs nothing and holds nothing: it is not counted.
+    """
     found = []
     for name in os.listdir("/proc"):
         if name.isdigit():
             try:
-                if os.readlink(f"/proc/{name}/ns/pid") == ns:
+                if os.readlink(f"/proc/{name}/ns/pid") == ns and alive(int(name)):
                     found.append(int(name))
             except OSError:
                 continue
@@ -64,3 +68,10 @@ def descendants(pid: int) -> list[int]:
             out.append(child)
             todo.append(child)
     return out
+
+
+def host_python() -> str:
+    """The real interpreter behind this venv: inside a `rootfs="host"` sandbox (whose /tmp is its
+    own) it is still there, so tests can make raw syscalls from inside a sandbox."""
+    import sys
+    return os.path.realpath(sys.executable)

@@ -19,7 +19,7 @@ from pytest_nsbox.settings import parse_size
 from .helpers import alive, sandbox_processes, wait_until
 
 FORK_BOMB = "bomb() { bomb | bomb & }; bomb; sleep 30"
-ROOT = caps.host_uid() == 0
+ROOT = caps.is_global_root()
 
 
 class Sampler:
@@ -276,9 +276,27 @@ def test_detect_root_without_cgroups_is_uncapped():
     assert "PIDs NOT capped" in plan.describe()
 
 
-def test_host_uid_reads_the_map():
-    assert caps.host_uid("0 1000 1\n") == (1000 if os.geteuid() == 0 else os.geteuid())
-    assert caps.host_uid("0 0 4294967295\n") == os.geteuid()
+def test_global_root_is_told_apart_from_root_in_a_user_namespace():
+    assert caps.is_global_root(owner_of_sysctls=0, euid=0)
+    assert not caps.is_global_root(owner_of_sysctls=65534, euid=0)  # root of a nested namespace
+    assert not caps.is_global_root(owner_of_sysctls=0, euid=1000)
+    # For real: uid 0 in a user namespace of ours is the host's root only if we are.
+    from pytest_nsbox import kernel
+    r, w = os.pipe()
+    uid, gid = os.getuid(), os.getgid()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            kernel.unshare(kernel.CLONE_NEWUSER)
+            kernel.write_id_maps(uid, gid)
+            os.write(w, b"%d%d" % (os.geteuid(), caps.is_global_root()))
+        finally:
+            os._exit(0)
+    os.close(w)
+    answer = os.read(r, 8)
+    os.close(r)
+    os.waitpid(pid, 0)
+    assert answer == (b"01" if os.geteuid() == 0 else b"00")
 
 
 def test_cgroup_files_on_a_fake_v1_tree(tmp_path):
@@ -334,3 +352,56 @@ def test_stale_cgroups_of_dead_spawners_are_recognised(tmp_path, sandbox):
     # A PID that is gone, or now belongs to a process that is not a spawner, owns nothing.
     assert sorted(removed) == sorted(str(parent / names[k]) for k in ("dead", "reused"))
     assert sorted(p.name for p in parent.iterdir()) == sorted(names[k] for k in ("live", "foreign", "malformed"))
+
+
+# -- the writable layer and every tmpfs: one sized budget ------------------------------------------
+def _shmem() -> int:
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("Shmem:"))
+
+
+def _df_total_kb(box, path: str) -> int:
+    return int(box.run(["df", "-k", path]).stdout.splitlines()[-1].split()[1])
+
+
+def test_every_writable_place_shares_one_budget_of_memory_max(sandbox_factory):
+    box = sandbox_factory(memory_max="64M")
+    before = _shmem()
+    box.run("for place in /tmp /dev/shm /root /run; do dd if=/dev/zero of=$place/fill bs=1M count=40; done")
+    # Host shared memory grew by the budget at most (what the sandbox's files hold, on the host):
+    # half of memory_max, so that the files fill up before the processes run out of memory.
+    assert _shmem() - before < 40 << 20
+    assert _df_total_kb(box, "/tmp") == 32 << 10
+    assert box.run(["true"]).returncode == 0
+
+
+def test_commands_not_init_are_the_out_of_memory_killers_choice(sandbox_factory):
+    box = sandbox_factory(memory_max="64M", tmpfs_size="64M")
+    hog = box.run("dd if=/dev/zero of=/dev/shm/fill bs=1M count=80")
+    assert hog.returncode != 0
+    assert box.run(["true"]).returncode == 0  # the sandbox, and its init, carry on
+    assert box.read_file("/proc/self/oom_score_adj") == "500\n"
+
+
+def test_tmpfs_size_is_a_setting_and_one_budget(sandbox_factory):
+    box = sandbox_factory(tmpfs_size="8M")
+    assert _df_total_kb(box, "/dev/shm") == 8 << 10
+    full = box.run("dd if=/dev/zero of=/tmp/fill bs=1M count=16")
+    assert full.returncode != 0 and "No space left on device" in full.stderr
+    # What /tmp took, the root's writable layer no longer has.
+    assert box.run("dd if=/dev/zero of=/root/more bs=1M count=1").returncode != 0
+    box.run("rm /tmp/fill", check=True)
+    assert box.run("dd if=/dev/zero of=/root/more bs=1M count=1").returncode == 0
+
+
+def test_sysv_shared_memory_is_capped_like_the_tmpfs(sandbox_factory):
+    box = sandbox_factory(tmpfs_size="8M")
+    assert box.read_file("/proc/sys/kernel/shmmax") == f"{8 << 20}\n"
+    assert box.read_file("/proc/sys/kernel/shmall") == f"{(8 << 20) // 4096}\n"
+
+
+def test_the_default_budget_cannot_exhaust_the_host(sandbox):
+    with open("/proc/meminfo") as f:
+        ram_kb = next(int(line.split()[1]) for line in f if line.startswith("MemTotal:"))
+    assert _df_total_kb(sandbox, "/tmp") == min(1 << 20, ram_kb // 8)
+    assert "tmpfs" in sandbox.limits.describe()

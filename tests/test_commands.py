@@ -10,6 +10,8 @@ import pytest
 
 from pytest_nsbox import SandboxClosed
 
+from .helpers import processes_in_pid_namespace, wait_until
+
 
 def test_os_release_is_alpine(sandbox):
     result = sandbox.run(["cat", "/etc/os-release"])
@@ -169,3 +171,61 @@ def test_exec_failures_are_the_errors_subprocess_raises(sandbox_factory, memory_
         box.run(["/usr/local/bin/not-executable"])
     with pytest.raises(FileNotFoundError, match="/nowhere"):
         box.run(["true"], cwd="/nowhere")
+
+
+def _sleeps(sandbox) -> list[str]:
+    """The arguments of the sleeps alive in the sandbox, seen from the host: a command's fake /proc
+    hides nothing from there."""
+    found = []
+    for pid in processes_in_pid_namespace(sandbox.namespaces["pid"]):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if argv[0].endswith(b"sleep"):
+            found.append(argv[1].decode())
+    return sorted(found)
+
+
+def test_timeout_kills_what_the_command_started_however_it_hid(sandbox):
+    # New sessions, double forks, a deeper user namespace, a fake /proc: all started by the command.
+    hide = ("setsid sleep 1001 & (setsid sh -c 'sleep 1002 &' &); unshare -Ur sleep 1003 & "
+            "sleep 0.2; mount -t tmpfs none /proc; exec sleep 1000")
+    process = sandbox.spawn(["sh", "-c", hide])
+    assert wait_until(lambda: _sleeps(sandbox) == ["1000", "1001", "1002", "1003"])
+    process.kill()
+    with pytest.raises(subprocess.TimeoutExpired):
+        sandbox.run(hide, timeout=1)
+    assert wait_until(lambda: _sleeps(sandbox) == [])
+
+
+def test_kill_ends_everything_a_command_started_and_nothing_else(sandbox):
+    bystander = sandbox.spawn(["sleep", "1009"])
+    process = sandbox.spawn(["sh", "-c", "setsid sleep 1001 & (setsid sleep 1002 &); exec sleep 1000"])
+    assert wait_until(lambda: _sleeps(sandbox) == ["1000", "1001", "1002", "1009"])
+    process.kill()
+    assert process.wait(timeout=5) == -signal.SIGKILL
+    assert wait_until(lambda: _sleeps(sandbox) == ["1009"])
+    assert bystander.poll() is None
+
+
+def test_output_kept_in_memory_is_capped_with_a_marker(sandbox):
+    result = sandbox.run("head -c 5000000 /dev/zero | tr '\\0' x; echo done >&2", output_max="1M")
+    kept, marker = result.stdout[:1 << 20], result.stdout[1 << 20:]
+    assert kept == "x" * (1 << 20)
+    assert marker == f"\n[nsbox: {5000000 - (1 << 20)} more bytes of stdout were dropped: output_max is {1 << 20}]\n"
+    assert result.stderr == "done\n"
+
+
+def test_a_flood_cannot_take_the_test_process_down(sandbox):
+    rss = _rss()
+    result = sandbox.run(f"head -c {1 << 30} /dev/zero", text=False)
+    assert result.stdout[:64 << 20] == bytes(64 << 20)  # the default cap, 64 MiB, kept
+    assert result.stdout[64 << 20:].startswith(b"\n[nsbox: 1006632960 more bytes of stdout were dropped")
+    assert _rss() - rss < 400 << 20  # that, and the copies of it made on the way
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))

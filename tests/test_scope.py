@@ -195,7 +195,7 @@ def test_sandboxes_get_child_cgroups_of_the_scope(sandbox):
     (path,) = set(sandbox.limits.cgroup.values())
     assert os.path.dirname(path) == plan.parents["pids"]
     assert Path(path, "pids.max").read_text().strip() == str(sandbox.limits.pids_max)
-    # The spawner sits in a leaf beside them (with, for a moment, each monitor it forks).
+    # The spawner sits in a leaf beside them; its inits are cloned straight into their own.
     assert str(Spawner.get().process.pid) in Path(plan.parents["pids"], "spawner", "cgroup.procs").read_text().split()
 
 

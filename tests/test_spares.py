@@ -12,6 +12,7 @@ import pytest
 
 from pytest_nsbox import Sandbox, SandboxClosed
 from pytest_nsbox.client import Spawner
+from pytest_nsbox.spawner import prefork_depth
 
 from .helpers import alive, descendants, wait_until
 
@@ -51,11 +52,11 @@ def test_only_the_spares_of_the_last_spec_are_kept(alpine_tarball, cache_dir):
     for name in ["x", "y", "z"]:
         Sandbox(rootfs=alpine_tarball, cache_dir=cache_dir, hostname=name).start().close()
     spawner = Spawner.get().process.pid
-    depth = int(os.environ.get("NSBOX_PREFORK", "2"))
+    depth = prefork_depth()
 
-    def monitors() -> int:
+    def spares() -> int:
         count = 0
-        for pid in _processes_named("nsbox-monitor"):
+        for pid in _processes_named("nsbox-init"):
             try:
                 with open(f"/proc/{pid}/stat") as f:
                     if int(f.read().rsplit(")", 1)[1].split()[1]) == spawner:
@@ -64,7 +65,7 @@ def test_only_the_spares_of_the_last_spec_are_kept(alpine_tarball, cache_dir):
                 continue
         return count
 
-    assert wait_until(lambda: monitors() == depth)
+    assert wait_until(lambda: spares() == depth)
 
 
 OWNER = textwrap.dedent("""
@@ -82,8 +83,8 @@ def test_spares_die_with_their_owner(alpine_tarball, cache_dir):
                              stdout=subprocess.PIPE, text=True)
     try:
         spawner = int(owner.stdout.readline())
-        # The spares: monitors (and their inits) below this owner's spawner, and nobody else's.
-        assert wait_until(lambda: len(descendants(spawner)) >= 4)
+        # The spares: inits below this owner's spawner, and nobody else's.
+        assert wait_until(lambda: len(descendants(spawner)) >= prefork_depth())
         spares = set(descendants(spawner))
         owner.kill()
         owner.wait()

@@ -8,7 +8,7 @@ from .helpers import alive
 
 
 def test_start_reports_init_pid_and_namespaces_every_time(alpine_tarball, cache_dir):
-    # A prebuilt init can be ready before its monitor reports its PID: start() waits for both.
+    # Prebuilt or not, a started sandbox knows its init and its namespaces.
     for _ in range(40):
         with Sandbox(rootfs=alpine_tarball, cache_dir=cache_dir) as box:
             assert isinstance(box.init_pid, int) and alive(box.init_pid)
