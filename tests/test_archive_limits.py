@@ -126,9 +126,10 @@ def test_removal_of_a_very_deep_tree_does_not_recurse(tmp_path):
     top.mkdir()
     fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
     for _ in range(3000):  # deeper than PATH_MAX allows by name, and than Python's recursion limit
-        os.mkdir("d", 0o555, dir_fd=fd)
+        os.mkdir("d", 0o755, dir_fd=fd)
         with open(os.open("f", os.O_WRONLY | os.O_CREAT, 0o444, dir_fd=fd), "w"):
             pass
+        os.chmod(fd, 0o555)  # read-only once filled, as archives' directories may be
         child = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
         os.close(fd)
         fd = child
