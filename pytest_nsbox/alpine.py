@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
-import platform
-from dataclasses import dataclass
+import re
 from pathlib import Path
+from typing import NamedTuple
 
-from .errors import RootfsError
+from .errors import ConfigError, RootfsError
 
 DEFAULT_MIRROR = "https://dl-cdn.alpinelinux.org/alpine"
 
@@ -24,7 +23,9 @@ _ARCHES = {
 
 
 def machine_arch(machine: str | None = None) -> str:
-    machine = machine or platform.machine()
+    if not machine:
+        import platform
+        machine = platform.machine()
     try:
         return _ARCHES[machine]
     except KeyError:
@@ -32,8 +33,18 @@ def machine_arch(machine: str | None = None) -> str:
                           "use a local rootfs tarball or directory instead") from None
 
 
+_URL = re.compile(r"https?://[^/\s?#]+(/[^\s?#]*)?")
+
+
 def mirror_url(explicit: str | None = None) -> str:
-    return (explicit or os.environ.get("NSBOX_ALPINE_MIRROR") or DEFAULT_MIRROR).rstrip("/")
+    """The mirror to use: `explicit` (an option), else NSBOX_ALPINE_MIRROR, else Alpine's CDN."""
+    env = os.environ.get("NSBOX_ALPINE_MIRROR")
+    url = explicit or env or DEFAULT_MIRROR
+    if not _URL.fullmatch(url):
+        named = f"the Alpine mirror {url!r}" if explicit else f"NSBOX_ALPINE_MIRROR={url!r}"
+        raise ConfigError(f"{named} is not an http(s) URL (--nsbox-alpine-mirror, nsbox_alpine_mirror, "
+                          f"NSBOX_ALPINE_MIRROR, or `nsbox rootfs --mirror`); write it like {DEFAULT_MIRROR}")
+    return url.rstrip("/")
 
 
 def file_name(version: str, arch: str) -> str:
@@ -49,24 +60,30 @@ def tarball_url(mirror: str, version: str, arch: str) -> str:
     return f"{release_dir(mirror, branch, arch)}/{file_name(version, arch)}"
 
 
-@dataclass(frozen=True)
-class Pins:
+class Pins(NamedTuple):
     default: str
     digests: dict[tuple[str, str], str]
 
     def digest(self, version: str, arch: str) -> str | None:
         return self.digests.get((version, arch))
 
+    def versions(self, arch: str) -> list[str]:
+        return sorted((v for v, a in self.digests if a == arch), key=version_key)
+
+
+def version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split("."))
+
 
 def pins() -> Pins:
+    import json
     data = json.loads((Path(__file__).with_name("alpine-releases.json")).read_text())
     digests = {(version, arch): entry["sha256"]
                for version, arches in data["releases"].items() for arch, entry in arches.items()}
     return Pins(default=data["default"], digests=digests)
 
 
-@dataclass(frozen=True)
-class Release:
+class Release(NamedTuple):
     version: str
     sha256: str | None
 
@@ -101,3 +118,14 @@ def parse_checksum_file(text: str, name: str) -> str | None:
         if len(parts) == 1 and len(parts[0]) == 64:
             return parts[0].lower()
     return None
+
+
+def listed_versions(listing: str, arch: str) -> list[str]:
+    """The minirootfs releases a mirror's directory listing (an HTML index) links to."""
+    found = re.findall(rf'href="alpine-minirootfs-(\d+\.\d+\.\d+)-{re.escape(arch)}\.tar\.gz"', listing)
+    return sorted(set(found), key=version_key)
+
+
+def listed_branches(listing: str) -> list[str]:
+    """The release branches (v3.20/...) a mirror's top directory listing links to."""
+    return sorted(set(re.findall(r'href="v(\d+\.\d+)/"', listing)), key=version_key)

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from http.client import HTTPException
 from pathlib import Path
 
-from .errors import DigestMismatch, NetworkError, RootfsError
+from .errors import DigestMismatch, NetworkError, RemoteNotFound, RootfsError
 
 Progress = Callable[[str, int, "int | None"], None]
 _CHUNK = 1 << 16
@@ -23,7 +23,8 @@ def _open(url: str, timeout: float):
     try:
         return urllib.request.urlopen(request, timeout=timeout)  # noqa: S310 - http(s) only, by spec
     except urllib.error.HTTPError as exc:
-        raise RootfsError(f"download {url}: the server answered HTTP {exc.code} {exc.reason}") from None
+        error = RemoteNotFound if exc.code in (404, 410) else RootfsError
+        raise error(f"download {url}: the server answered HTTP {exc.code} {exc.reason}") from None
     except (urllib.error.URLError, OSError, HTTPException) as exc:
         reason = getattr(exc, "reason", exc)
         raise NetworkError(f"download {url}: {reason}") from None
@@ -39,11 +40,16 @@ def fetch_text(url: str, timeout: float = TIMEOUT) -> str:
 
 def fetch_file(url: str, dest: Path, expected_sha256: str | None, progress: Progress | None = None,
                timeout: float = TIMEOUT) -> str:
-    """Download `url` to `dest`, check its SHA-256, return it.  On any failure `dest` is removed."""
+    """Download `url` to `dest`, check its SHA-256, return it.  On any failure `dest` is removed.
+
+    `dest` is opened without following a symlink. `progress` is called as data arrives, and once
+    more at the end with total == done when the server did not say the size.
+    """
     digest = hashlib.sha256()
     name = url.rsplit("/", 1)[-1]
     try:
-        with _open(url, timeout) as response, open(dest, "wb") as out:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+        with _open(url, timeout) as response, open(os.open(dest, flags, 0o600), "wb") as out:
             total = response.length
             done = 0
             if progress:
@@ -62,6 +68,8 @@ def fetch_file(url: str, dest: Path, expected_sha256: str | None, progress: Prog
                     progress(name, done, total)
             if total is not None and done != total:
                 raise NetworkError(f"download {url}: truncated at {done} of {total} bytes")
+            if progress and total is None:
+                progress(name, done, done)
         actual = digest.hexdigest()
         if expected_sha256 and actual != expected_sha256:
             raise DigestMismatch(f"{name} from {url} is not the expected file: SHA-256 {actual}, "

@@ -41,3 +41,15 @@ class NetworkError(RootfsError):
 
 class DigestMismatch(RootfsError):
     """A downloaded file is not the one its digest promised: tampered, or a bad mirror."""
+
+
+class UnsafeCacheError(RootfsError):
+    """A rootfs cache directory or entry is not the user's own, or others may write it."""
+
+
+class ArchiveLimitError(UnsafeArchiveError):
+    """A rootfs archive would extract to more bytes, members or depth than the limits allow."""
+
+
+class RemoteNotFound(RootfsError):
+    """The server has no such file (HTTP 404 or 410)."""

@@ -2,37 +2,49 @@
 
 Cache layout (`--nsbox-cache-dir`, default `$XDG_CACHE_HOME/pytest-nsbox`)::
 
+    trees/                        0700: the trees below are reachable by their owner only
     trees/sha256-<digest>/        an extracted tree, named by its archive's SHA-256; only ever an
                                   overlay lower layer, so sandboxes never change it
     trees/sha256-<digest>.json    where it came from (spec, version, arch, trust, source, size);
                                   its mtime is the entry's "last used"
-    trees/sha256-<digest>.lock    held while the entry is fetched or extracted
-    resolutions.json              spec -> version and digest, so `alpine:3.20` resolves offline
+    trees/sha256-<digest>.lock    held while the entry is fetched, extracted or pruned
+    trees/sha256-<digest>.tmp-*   being made (or left by a killed process: swept under the lock)
+    trees/sha256-<digest>.trash-* being removed (or left by a killed prune: swept later)
+    resolutions.json              alpine:X.Y (and unpinned releases) -> version and digest, so
+                                  they resolve offline
 
-Every entry is written to a temp name and renamed into place under its lock, so N xdist workers
-or N concurrent pytest runs fetch and extract it exactly once, and an entry half-written by a
-killed process is never mistaken for a complete one (its temp files are swept next time).
+Every entry is made under a temp name and renamed into place under its lock, and removed by being
+renamed away under its lock first, so N xdist workers or N concurrent pytest runs fetch and extract
+it exactly once, and a tree is either complete or invisible, whoever was killed when.
+
+The cache holds the code every sandbox runs, so it must be the user's alone: the cache directory,
+trees/ and every entry must be owned by the user and not writable by group or others, or they are
+refused with a sentence. Directories are made 0700 and files 0600, temp names are random and
+created exclusively, and no symlink inside the cache is ever followed.
+
+Import cost matters (the plugin loads this module in every pytest run): hashlib, json, tarfile,
+shutil, filelock and the download code are imported by the functions that use them.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import shutil
-import sys
+import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
-from filelock import FileLock
-
-from . import alpine, archive
-from .download import Progress, fetch_file, fetch_text
-from .errors import NetworkError, RootfsError
+from . import alpine
+from .errors import ConfigError, NetworkError, NsboxError, RemoteNotFound, RootfsError, UnsafeCacheError
 from .specs import AlpineSpec, HostSpec, PathSpec, RootfsSpec, UrlSpec, parse
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .download import Progress
 
 TRUST_NOTES = {
     "pinned": "digest pinned by pytest-nsbox",
@@ -41,6 +53,9 @@ TRUST_NOTES = {
     "local": "local file",
     "host": "the host's filesystem",
 }
+_OTHER_CACHE = "choose another cache with --nsbox-cache-dir or NSBOX_CACHE_DIR"
+_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_MAX_SYMLINKS = 40  # as the kernel's path walk
 
 
 @dataclass(frozen=True)
@@ -66,8 +81,7 @@ class Rootfs:
         return f"{' '.join(parts)} ({TRUST_NOTES[self.trust]})"
 
 
-@dataclass(frozen=True)
-class Entry:
+class Entry(NamedTuple):
     """One cached tree, as `nsbox rootfs list` shows it."""
 
     digest: str
@@ -99,6 +113,7 @@ class RootfsStore:
         self.trees = self.cache_dir / "trees"
         self._memo: dict[str, Rootfs] = {}
         self._lock = threading.Lock()
+        self._checked = False
 
     # -- resolving --------------------------------------------------------------------------
     def resolve(self, spec: str | os.PathLike[str] | RootfsSpec, refresh: bool = False) -> Rootfs:
@@ -118,7 +133,7 @@ class RootfsStore:
         """The tree for `spec` if it can be had without network or extraction, else None."""
         try:
             return RootfsStore(self.cache_dir, self.mirror, offline=True)._resolve_offline(parse(spec))
-        except RootfsError:
+        except NsboxError:
             return None
 
     def _resolve(self, spec: RootfsSpec, key: str, refresh: bool) -> Rootfs:
@@ -126,9 +141,10 @@ class RootfsStore:
             return Rootfs("host", Path("/"), trust="host", host=True)
         if isinstance(spec, PathSpec):
             if spec.is_dir:
+                check_tree(spec.path, key)
                 return Rootfs(key, spec.path)
-            digest = file_sha256(spec.path)
-            tree = self._materialize(digest, lambda dest: shutil.copyfile(spec.path, dest),
+            digest = _local_sha256(spec.path)
+            tree = self._materialize(key, digest, lambda dest: _copy_into(spec.path, dest),
                                      {"source": str(spec.path), "spec": key, "trust": "local"})
             return Rootfs(key, tree, digest)
         if isinstance(spec, UrlSpec):
@@ -136,38 +152,45 @@ class RootfsStore:
         return self._resolve_alpine(spec, key, refresh)
 
     def _resolve_offline(self, spec: RootfsSpec) -> Rootfs:
-        if isinstance(spec, HostSpec):
-            return Rootfs("host", Path("/"), trust="host", host=True)
         if isinstance(spec, PathSpec) and not spec.is_dir:
-            digest = file_sha256(spec.path)
-            if not (self.trees / f"sha256-{digest}").is_dir():
+            digest = _local_sha256(spec.path)
+            if not self._tree_ready(self.trees / f"sha256-{digest}"):
                 raise RootfsError(f"{spec.path} is not extracted yet")
         return self._resolve(spec, str(spec), refresh=False)
 
     def _resolve_alpine(self, spec: AlpineSpec, key: str, refresh: bool) -> Rootfs:
         arch = alpine.machine_arch()
         pins = alpine.pins()
-        record_key = f"{key}/{arch}"
-        if not refresh and not spec.digest:
-            recorded = self._resolutions().get(record_key)
-            if recorded and (self.trees / f"sha256-{recorded['digest']}").is_dir():
-                return self._hit(key, recorded["digest"], recorded["version"], arch, recorded["trust"])
         if spec.version is None and spec.branch is None:
-            version, digest, trust = pins.default, pins.digest(pins.default, arch), "pinned"
-        elif spec.version is None:
+            # `alpine` is whatever this version of pytest-nsbox pins, never an older record.
+            spec = AlpineSpec(branch=pins.default.rsplit(".", 1)[0], version=pins.default)
+        pinned = spec.digest or (pins.digest(spec.version, arch) if spec.version else None)
+        if spec.version and pinned:
+            trust = "caller" if spec.digest else "pinned"
+            return self._fetch(key, alpine.tarball_url(self.mirror, spec.version, arch), pinned, trust,
+                               spec.version, arch)
+        # Only the mirror knows the rest: what it said is recorded, so that it resolves offline.
+        record_key = f"{str(spec) if key == 'alpine' else key}/{arch}"
+        if not refresh:
+            recorded = self._resolutions().get(record_key)
+            if recorded and self._tree_ready(self.trees / f"sha256-{recorded['digest']}"):
+                return self._hit(key, recorded["digest"], recorded["version"], arch, recorded["trust"])
+        if spec.version is None:
+            assert spec.branch is not None
             version, digest, trust = self._latest_of_branch(key, spec.branch, arch, pins)
         else:
-            version = spec.version
-            digest, trust = (spec.digest, "caller") if spec.digest else (pins.digest(version, arch), "pinned")
-        if digest is None:
-            digest, trust = self._mirror_digest(key, version, arch), "mirror"
+            version, digest, trust = spec.version, self._mirror_digest(key, spec.version, arch, pins), "mirror"
         rootfs = self._fetch(key, alpine.tarball_url(self.mirror, version, arch), digest, trust, version, arch)
-        self._record(record_key, {"version": version, "digest": digest, "trust": trust})
+        self._record(key, record_key, {"version": version, "digest": digest, "trust": trust})
         return rootfs
 
-    def _latest_of_branch(self, key: str, branch: str, arch: str, pins: alpine.Pins) -> tuple[str, str | None, str]:
+    def _latest_of_branch(self, key: str, branch: str, arch: str, pins: alpine.Pins) -> tuple[str, str, str]:
         url = f"{alpine.release_dir(self.mirror, branch, arch)}/latest-releases.yaml"
-        release = alpine.latest_minirootfs(self._fetch_text(key, url), arch)
+        try:
+            text = self._fetch_text(key, url)
+        except RemoteNotFound:
+            raise self._no_such_release(key, branch, arch, pins) from None
+        release = alpine.latest_minirootfs(text, arch)
         pinned = pins.digest(release.version, arch)
         if pinned and release.sha256 and pinned != release.sha256:
             raise RootfsError(f"the mirror {self.mirror} lists alpine {release.version} ({arch}) with SHA-256 "
@@ -175,16 +198,43 @@ class RootfsStore:
                               "broken mirror")
         if pinned:
             return release.version, pinned, "pinned"
+        if not release.sha256:
+            return release.version, self._mirror_digest(key, release.version, arch, pins), "mirror"
         return release.version, release.sha256, "mirror"
 
-    def _mirror_digest(self, key: str, version: str, arch: str) -> str:
+    def _mirror_digest(self, key: str, version: str, arch: str, pins: alpine.Pins) -> str:
         url = alpine.tarball_url(self.mirror, version, arch) + ".sha256"
-        digest = alpine.parse_checksum_file(self._fetch_text(key, url), alpine.file_name(version, arch))
+        try:
+            text = self._fetch_text(key, url)
+        except RemoteNotFound:
+            raise self._no_such_release(key, version, arch, pins) from None
+        digest = alpine.parse_checksum_file(text, alpine.file_name(version, arch))
         if not digest:
             raise RootfsError(f"{url} holds no SHA-256 for {alpine.file_name(version, arch)}")
         return digest
 
+    def _no_such_release(self, key: str, version: str, arch: str, pins: alpine.Pins) -> RootfsError:
+        from .download import fetch_text
+        branch = version if version.count(".") == 1 else version.rsplit(".", 1)[0]
+        known = []
+        try:
+            listing = fetch_text(f"{alpine.release_dir(self.mirror, branch, arch)}/", timeout=10)
+            versions = alpine.listed_versions(listing, arch)
+        except RootfsError:
+            versions = []
+        if versions:
+            known.append(f"releases of {branch} on the mirror: {', '.join(versions)}")
+        else:
+            with suppress(RootfsError):
+                branches = alpine.listed_branches(fetch_text(f"{self.mirror}/", timeout=10))
+                if branches:
+                    known.append(f"branches on the mirror: {', '.join(branches)}")
+        known.append(f"pinned releases: {', '.join(pins.versions(arch)) or 'none for ' + arch}")
+        return RootfsError(f"{key}: no such Alpine release {version} ({arch}) on {self.mirror}; "
+                           + "; ".join(known))
+
     def _fetch_text(self, key: str, url: str) -> str:
+        from .download import fetch_text
         if self.offline:
             raise self._miss(key, "--nsbox-offline is set")
         try:
@@ -194,20 +244,20 @@ class RootfsStore:
 
     def _fetch(self, key: str, url: str, digest: str, trust: str, version: str | None,
                arch: str | None) -> Rootfs:
-        tree = self.trees / f"sha256-{digest}"
-        if tree.is_dir():
+        if self._tree_ready(self.trees / f"sha256-{digest}"):
             return self._hit(key, digest, version, arch, trust)
         if self.offline:
             raise self._miss(key, "--nsbox-offline is set")
 
         def download(dest: Path) -> None:
+            from .download import fetch_file
             try:
                 fetch_file(url, dest, digest, self.progress)
             except NetworkError as exc:
                 raise self._miss(key, str(exc)) from None
 
         meta = {"source": url, "spec": key, "version": version, "arch": arch, "trust": trust}
-        self._materialize(digest, download, meta)
+        tree = self._materialize(key, digest, download, meta)
         return Rootfs(key, tree, digest, version, arch, trust)
 
     def _hit(self, key: str, digest: str, version: str | None, arch: str | None, trust: str) -> Rootfs:
@@ -215,94 +265,208 @@ class RootfsStore:
         return Rootfs(key, self.trees / f"sha256-{digest}", digest, version, arch, trust)
 
     def _miss(self, key: str, why: str) -> RootfsError:
+        import shlex
         return RootfsError(
             f"rootfs {key} is not in the cache {self.cache_dir} and cannot be fetched ({why}). "
-            f"Fill the cache where there is network with `nsbox rootfs pull {key} --cache-dir "
-            f"{self.cache_dir}`, or use a local tarball: --nsbox-rootfs=PATH")
+            f"Fill the cache where there is network with `nsbox rootfs pull {shlex.quote(key)} --cache-dir "
+            f"{shlex.quote(str(self.cache_dir))}`, or use a local tarball: --nsbox-rootfs=PATH")
 
-    # -- the cache --------------------------------------------------------------------------
-    def _materialize(self, digest: str, produce: Callable[[Path], None], meta: dict) -> Path:
+    # -- the cache and its owner --------------------------------------------------------------
+    def _open_cache(self, create: bool) -> bool:
+        """Check the cache directory and trees/ are the user's own; with `create`, make them.
+
+        Returns False if they do not exist (and `create` is off).
+        """
+        if self._checked:
+            return True
+        try:
+            try:
+                st = os.stat(self.cache_dir)  # the directory itself may be a link the user made
+            except FileNotFoundError:
+                if not create:
+                    return False
+                _make_private_dirs(self.cache_dir)
+                st = os.stat(self.cache_dir)
+            if not stat.S_ISDIR(st.st_mode):
+                raise RootfsError(f"the rootfs cache {self.cache_dir} is not a directory; {_OTHER_CACHE}")
+            check_private(self.cache_dir, st, "")
+            st = _lstat(self.trees)
+            if st is None:
+                if not create:
+                    return False
+                with suppress(FileExistsError):  # another worker was first
+                    os.mkdir(self.trees, 0o700)
+                st = os.lstat(self.trees)
+            check_private(self.trees, st, "directory ")
+            if stat.S_IMODE(st.st_mode) & 0o077:
+                # Left open by an older version: nobody else may reach the trees (their /tmp is 1777).
+                with suppress(OSError):
+                    os.chmod(self.trees, 0o700)
+        except OSError as exc:
+            raise RootfsError(f"cannot use the rootfs cache {self.cache_dir}: {exc.strerror or exc} "
+                              f"({exc.filename or self.cache_dir}); {_OTHER_CACHE}") from None
+        self._checked = True
+        return True
+
+    def _tree_ready(self, tree: Path) -> bool:
+        """Whether `tree` is a complete entry; one that someone else could have planted is refused."""
+        if not self._open_cache(create=False):
+            return False
+        try:
+            st = _lstat(tree)
+            if st is None:
+                return False
+            check_private(tree, st, "entry ")
+            if not stat.S_ISDIR(st.st_mode):
+                raise UnsafeCacheError(f"the rootfs cache entry {tree} is not a directory; remove it "
+                                       f"(rm {tree}) or {_OTHER_CACHE}")
+            meta = _lstat(tree.with_name(tree.name + ".json"))
+            if meta is not None:
+                check_private(tree.with_name(tree.name + ".json"), meta, "entry ")
+        except OSError as exc:
+            raise RootfsError(f"cannot use the rootfs cache {self.cache_dir}: {exc.strerror} "
+                              f"({exc.filename}); {_OTHER_CACHE}") from None
+        return True
+
+    @contextmanager
+    def _locked(self, path: Path) -> Iterator[None]:
+        from filelock import FileLock
+        st = _lstat(path)
+        if st is not None:
+            check_private(path, st, "lock ")
+        with FileLock(str(path), mode=0o600):
+            yield
+
+    def _write_error(self, label: str, path: Path, exc: OSError) -> RootfsError:
+        import errno
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            fix = f"free some space or {_OTHER_CACHE}"
+        elif exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            fix = f"make {self.cache_dir} writable or {_OTHER_CACHE}"
+        else:
+            fix = _OTHER_CACHE
+        if exc.filename and ".tmp-" not in os.path.basename(exc.filename):
+            path = Path(exc.filename)  # a temp file's random name would say nothing to the user
+        return RootfsError(f"{label}: cannot write {path}: {exc.strerror or exc}; {fix}")
+
+    def _materialize(self, key: str, digest: str, produce: Callable[[Path], None], meta: dict) -> Path:
         """Make trees/sha256-<digest> exist, once, whoever else is trying at the same time."""
+        self._open_cache(create=True)
         tree = self.trees / f"sha256-{digest}"
-        if tree.is_dir():
+        if self._tree_ready(tree):
             return tree
         try:
-            self.trees.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise RootfsError(f"cannot create the rootfs cache {self.trees}: {exc.strerror}; choose "
-                              "another with --nsbox-cache-dir or NSBOX_CACHE_DIR") from None
-        try:
-            with FileLock(str(tree) + ".lock"):
+            with self._locked(self.trees / f"{tree.name}.lock"):
                 return self._materialize_locked(tree, digest, produce, meta)
         except OSError as exc:
             # A full disk or an unwritable cache, not a bug: say where, and what to do.
-            raise RootfsError(f"cannot cache {meta['source']} in {self.trees}: {exc.strerror or exc} "
-                              f"({exc.filename or 'while extracting'}); free some space or choose "
-                              "another cache with --nsbox-cache-dir or NSBOX_CACHE_DIR") from None
+            raise self._write_error(key, self.trees, exc) from None
 
     def _materialize_locked(self, tree: Path, digest: str, produce: Callable[[Path], None],
                             meta: dict) -> Path:
-        if tree.is_dir():
+        import tempfile
+
+        from . import archive
+        if self._tree_ready(tree):
             return tree
-        # We hold the entry's lock: any temp file of this entry is a killed process's leftover.
-        for stale in self.trees.glob(f"{tree.name}.tmp-*"):
-            remove_tree(stale) if stale.is_dir() else stale.unlink()
-        tarball = self.trees / f"{tree.name}.tmp-{os.getpid()}.tar"
-        staging = self.trees / f"{tree.name}.tmp-{os.getpid()}"
+        self._sweep(tree.name)
+        fd, name = tempfile.mkstemp(prefix=f"{tree.name}.tmp-", suffix=".tar", dir=self.trees)
+        os.close(fd)
+        tarball, staging = Path(name), None
         try:
             produce(tarball)
             if file_sha256(tarball) != digest:
                 raise RootfsError(f"{meta['source']} changed while it was being cached; try again")
-            staging.mkdir()
-            archive.extract(tarball, staging)
-            meta = {**meta, "digest": digest, "created": time.time(), "size": _tree_size(staging)}
-            _write_json(self.trees / f"{tree.name}.json", meta)
+            staging = Path(tempfile.mkdtemp(prefix=f"{tree.name}.tmp-", dir=self.trees))
+            size = archive.extract(tarball, staging, source=meta["source"])
+            check_tree(staging, meta["source"])
+            _write_json(tree.with_name(tree.name + ".json"),
+                        {**meta, "digest": digest, "created": time.time(), "size": size})
             os.rename(staging, tree)
+            staging = None
         finally:
-            if tarball.exists():
-                tarball.unlink()
-            if staging.exists():
-                remove_tree(staging)
+            # What cannot be removed now (a read-only or full disk) is swept next time.
+            with suppress(OSError):
+                os.unlink(tarball)
+            if staging is not None:
+                with suppress(OSError):
+                    remove_tree(staging)
         return tree
 
+    def _sweep(self, entry: str) -> None:
+        """Remove what killed processes left of `entry`; we hold its lock, so none is in flight."""
+        for pattern in (f"{entry}.tmp-*", f"{entry}.trash-*"):
+            for stale in self.trees.glob(pattern):
+                remove_tree(stale)
+
     def _resolutions(self) -> dict:
-        try:
-            return json.loads((self.cache_dir / "resolutions.json").read_text())
-        except (OSError, ValueError):
-            return {}
-
-    def _record(self, key: str, value: dict) -> None:
         path = self.cache_dir / "resolutions.json"
-        with FileLock(str(path) + ".lock"):
-            data = self._resolutions()
-            if data.get(key) != value:
-                data[key] = value
-                _write_json(path, data)
+        if not self._open_cache(create=False) or _lstat(path) is None:
+            return {}
+        return _read_json(path)
 
+    def _record(self, key: str, record_key: str, value: dict) -> None:
+        path = self.cache_dir / "resolutions.json"
+        try:
+            with self._locked(self.cache_dir / "resolutions.json.lock"):
+                for stale in self.cache_dir.glob("resolutions.json.tmp-*"):
+                    os.unlink(stale)
+                data = self._resolutions()
+                if data.get(record_key) != value:
+                    data[record_key] = value
+                    _write_json(path, data)
+        except OSError as exc:
+            raise self._write_error(key, path, exc) from None
+
+    # -- list and prune -----------------------------------------------------------------------
     def entries(self) -> list[Entry]:
+        if not self._open_cache(create=False):
+            return []
         found = []
-        for meta_path in sorted(self.trees.glob("sha256-*.json")) if self.trees.is_dir() else []:
+        for meta_path in sorted(self.trees.glob("sha256-*.json")):
             tree = meta_path.with_suffix("")
-            if not tree.is_dir():
+            if not self._tree_ready(tree):
                 continue
-            try:
-                meta = json.loads(meta_path.read_text())
-            except (OSError, ValueError):
-                meta = {}
+            meta = _read_json(meta_path)
             found.append(Entry(tree.name.removeprefix("sha256-"), tree, meta, int(meta.get("size", 0)),
-                               meta_path.stat().st_mtime))
+                               os.lstat(meta_path).st_mtime))
         return sorted(found, key=lambda e: e.last_used, reverse=True)
 
     def prune(self, keep: int = 0) -> list[Entry]:
-        """Remove all but the `keep` most recently used trees; return the removed ones."""
+        """Remove all but the `keep` most recently used trees; return the removed ones.
+
+        A tree is renamed away under its lock before it is deleted, so a prune killed midway leaves
+        a trash name that no sandbox uses and the next prune or extraction removes.
+        """
+        if keep < 0:
+            raise ConfigError(f"prune keeps a number of trees, 0 or more, not {keep}")
         removed = []
         for entry in self.entries()[keep:]:
-            with FileLock(str(entry.tree) + ".lock"):
-                remove_tree(entry.tree)
-                entry.tree.with_suffix(".json").unlink(missing_ok=True)
-            entry.tree.with_suffix(".lock").unlink(missing_ok=True)
+            json_path = entry.tree.with_name(entry.tree.name + ".json")
+            try:
+                with self._locked(entry.tree.with_name(entry.tree.name + ".lock")):
+                    if not self._tree_ready(entry.tree):
+                        continue  # pruned by someone else meanwhile
+                    trash = entry.tree.with_name(f"{entry.tree.name}.trash-{os.urandom(6).hex()}")
+                    os.rename(entry.tree, trash)
+                    with suppress(FileNotFoundError):
+                        os.unlink(json_path)
+                remove_tree(trash)
+            except OSError as exc:
+                raise self._write_error("nsbox rootfs prune", entry.tree, exc) from None
             removed.append(entry)
+        if self._open_cache(create=False):
+            self._sweep_trash()
         return removed
+
+    def _sweep_trash(self) -> None:
+        for trash in self.trees.glob("sha256-*.trash-*"):
+            claimed = trash.with_name(f"{trash.name.split('.trash-')[0]}.trash-{os.urandom(6).hex()}")
+            try:
+                os.rename(trash, claimed)  # two sweepers: one wins the rename, the other moves on
+            except FileNotFoundError:
+                continue
+            remove_tree(claimed)
 
 
 _default_stores: dict[tuple[str, str, bool], RootfsStore] = {}
@@ -316,7 +480,211 @@ def resolve(spec: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | No
     return store.resolve(spec)
 
 
+# -- trees --------------------------------------------------------------------------------------
+def check_tree(tree: Path, label: str) -> None:
+    """Refuse a tree that is no root filesystem: sandboxes run commands through /bin/sh."""
+    found = _lstat_in_tree(tree, "bin/sh")
+    if isinstance(found, str):
+        why = found
+    elif not stat.S_ISREG(found.st_mode):
+        why = "it is not a file"
+    elif not found.st_mode & 0o111:
+        why = "it is not executable"
+    else:
+        return
+    raise RootfsError(f"{label} has no executable /bin/sh ({why}); a rootfs must be a whole root "
+                      "filesystem with a shell, such as Alpine's minirootfs")
+
+
+def _lstat_in_tree(root: Path, path: str) -> os.stat_result | str:
+    """lstat `path` as a sandbox over `root` sees it, or say why it cannot be found.
+
+    Symlinks are resolved against `root`, as they are inside the sandbox (Alpine's
+    /bin/sh -> /bin/busybox), so a link never reaches the host's files.
+    """
+    todo = [part for part in reversed(path.split("/")) if part]
+    current: list[str] = []
+    found: os.stat_result | None = None
+    links = 0
+    while todo:
+        part = todo.pop()
+        if part == ".":
+            continue
+        if part == "..":
+            if current:
+                current.pop()
+            continue
+        here = root.joinpath(*current, part)
+        try:
+            found = os.lstat(here)
+        except (FileNotFoundError, NotADirectoryError):
+            return f"/{'/'.join([*current, part])} does not exist in the tree"
+        if stat.S_ISLNK(found.st_mode):
+            links += 1
+            if links > _MAX_SYMLINKS:
+                return "too many levels of symbolic links"
+            target = os.readlink(here)
+            if target.startswith("/"):
+                current = []
+            todo.extend(p for p in reversed(target.split("/")) if p)
+            continue
+        current.append(part)
+        if todo and not stat.S_ISDIR(found.st_mode):
+            return f"/{'/'.join(current)} is not a directory"
+    return found if found is not None else os.lstat(root)
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a file or a whole tree: no recursion, no link ever followed, any depth.
+
+    One directory descriptor is open at a time: it goes down by name with O_NOFOLLOW and back up
+    by '..', which no one can move meanwhile (the store removes only its own entries, in
+    directories only the user can write). Read-only directories are made writable first.
+    """
+    st = _lstat(path)
+    if st is None:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(path)
+        return
+    top = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    fd = -1
+    try:
+        fd = _open_removable(top, path.name)
+        down: list[str] = []
+        while True:
+            child = _empty_but_directories(fd)
+            if child is not None:
+                nxt = _open_removable(fd, child)
+                os.close(fd)
+                fd = nxt
+                down.append(child)
+            elif down:
+                up = os.open("..", _O_DIR, dir_fd=fd)
+                os.close(fd)
+                fd = up
+                os.rmdir(down.pop(), dir_fd=fd)
+            else:
+                break
+        os.close(fd)
+        fd = -1
+        os.rmdir(path.name, dir_fd=top)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        os.close(top)
+
+
+def _open_removable(parent: int, name: str) -> int:
+    st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+    if stat.S_IMODE(st.st_mode) & 0o700 != 0o700:
+        os.chmod(name, 0o700, dir_fd=parent)  # lstat said directory, in a directory only we write
+    return os.open(name, _O_DIR, dir_fd=parent)
+
+
+def _empty_but_directories(fd: int) -> str | None:
+    """Unlink every non-directory in `fd`; return one subdirectory left, or None if it is empty."""
+    for name in os.listdir(fd):
+        if stat.S_ISDIR(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode):
+            return name
+        os.unlink(name, dir_fd=fd)
+    return None
+
+
+# -- files --------------------------------------------------------------------------------------
+def check_private(path: Path, st: os.stat_result, what: str) -> None:
+    """Refuse a cache directory or file another user owns or may write: it could plant a rootfs."""
+    me = os.geteuid()
+    if stat.S_ISLNK(st.st_mode):
+        raise UnsafeCacheError(f"the rootfs cache {what}{path} is a symlink, which the cache never makes; "
+                               f"remove it (rm {path}) or {_OTHER_CACHE}")
+    if st.st_uid != me:
+        raise UnsafeCacheError(
+            f"the rootfs cache {what}{path} belongs to {_user(st.st_uid)}, not to you ({_user(me)}): "
+            "its trees would run in your sandboxes, and appear there owned by nobody; use a cache of "
+            "your own with --nsbox-cache-dir or NSBOX_CACHE_DIR")
+    if st.st_mode & 0o022:
+        raise UnsafeCacheError(
+            f"the rootfs cache {what}{path} is writable by other users (mode {stat.S_IMODE(st.st_mode):o}), "
+            f"who could plant a rootfs in it; make it private (chmod go-w {path}) or {_OTHER_CACHE}")
+
+
+def _user(uid: int) -> str:
+    import pwd
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _lstat(path: Path) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
+
+
+def _make_private_dirs(path: Path) -> None:
+    """mkdir -p with mode 0700 for every directory made (as XDG asks of ~/.cache)."""
+    missing = []
+    while True:
+        try:
+            os.stat(path)
+            break
+        except FileNotFoundError:
+            missing.append(path)
+            path = path.parent
+    for directory in reversed(missing):
+        with suppress(FileExistsError):
+            os.mkdir(directory, 0o700)
+
+
+def _read_json(path: Path) -> dict:
+    import json
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with open(fd, "rb") as f:
+        check_private(path, os.fstat(fd), "entry ")
+        try:
+            data = json.loads(f.read())
+        except ValueError:
+            return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    import json
+    import tempfile
+    # mkstemp: a random name, O_EXCL|O_NOFOLLOW, mode 0600; os.replace never follows `path`.
+    fd, tmp = tempfile.mkstemp(prefix=f"{path.name}.tmp-", dir=path.parent)
+    try:
+        with open(fd, "w") as f:
+            f.write(json.dumps(data, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _copy_into(source: Path, dest: Path) -> None:
+    import shutil
+    try:
+        src = open(source, "rb")
+    except OSError as exc:
+        raise RootfsError(f"cannot read {source}: {exc.strerror}") from None
+    with src, open(os.open(dest, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC), "wb") as out:
+        shutil.copyfileobj(src, out, 1 << 20)
+
+
+def _local_sha256(path: Path) -> str:
+    try:
+        return file_sha256(path)
+    except OSError as exc:
+        raise RootfsError(f"cannot read {path}: {exc.strerror}") from None
+
+
 def file_sha256(path: Path) -> str:
+    import hashlib
     with open(path, "rb") as f:
         if hasattr(hashlib, "file_digest"):
             return hashlib.file_digest(f, "sha256").hexdigest()
@@ -326,36 +694,6 @@ def file_sha256(path: Path) -> str:
         return h.hexdigest()
 
 
-def remove_tree(path: Path) -> None:
-    """rmtree that also removes read-only directories."""
-    def make_writable_and_retry(func, p, _exc):
-        os.chmod(os.path.dirname(p), 0o700)
-        func(p)
-    if not (path.exists() or path.is_symlink()):
-        return
-    if sys.version_info >= (3, 12):
-        shutil.rmtree(path, onexc=make_writable_and_retry)
-    else:
-        shutil.rmtree(path, onerror=make_writable_and_retry)
-
-
-def _tree_size(root: Path) -> int:
-    total = 0
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(dirpath, name)).st_size
-            except OSError:
-                pass
-    return total
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, path)
-
-
 _touched: set[Path] = set()
 
 
@@ -363,7 +701,5 @@ def _touch(path: Path) -> None:
     """Mark an entry used, once per process (a hit must stay a few stat calls)."""
     if path not in _touched:
         _touched.add(path)
-        try:
-            os.utime(path)
-        except OSError:
-            pass
+        with suppress(OSError):  # a read-only cache still serves its trees
+            os.utime(path, follow_symlinks=False)

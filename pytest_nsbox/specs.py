@@ -23,8 +23,8 @@ from .errors import ConfigError
 FORMS = ("alpine", "alpine:X.Y", "alpine:X.Y.Z", "alpine:X.Y.Z@sha256:HEX", "https://URL#sha256=HEX",
          "a local directory", f"a local tarball ({', '.join(ARCHIVE_SUFFIXES)})", "host")
 
-_ALPINE = re.compile(r"^alpine(?::(?P<version>\d+\.\d+(?:\.\d+)?))?(?:@sha256:(?P<digest>[0-9a-f]{64}))?$")
-_URL = re.compile(r"^(?P<url>https?://[^#\s]+)#sha256=(?P<digest>[0-9a-f]{64})$")
+_VERSION = re.compile(r"\d+\.\d+(?:\.\d+)?")
+_HEX = re.compile(r"[0-9a-fA-F]{64}")
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,12 @@ RootfsSpec = Union[AlpineSpec, UrlSpec, PathSpec, HostSpec]
 
 
 def parse(spec: str | os.PathLike[str]) -> RootfsSpec:
-    """Parse a spec; a bad one is a ConfigError that lists the forms that exist."""
+    """Parse a spec; a bad one is a ConfigError that says what is wrong and lists the forms.
+
+    `alpine`, `alpine:...`, `alpine@...` and `host` are keywords even where a file of that name
+    exists (write `./alpine` for that); any other spec that names an existing path is that path,
+    whatever its name (`alpine-minirootfs-3.20.3-x86_64.tar.gz`).
+    """
     if isinstance(spec, os.PathLike):
         return _path_spec(os.fspath(spec))
     if not isinstance(spec, str) or not spec.strip():
@@ -74,23 +79,47 @@ def parse(spec: str | os.PathLike[str]) -> RootfsSpec:
     text = spec.strip()
     if text == "host":
         return HostSpec()
-    match = _ALPINE.match(text)
-    if match:
-        version, digest = match["version"], match["digest"]
-        if digest and (version is None or version.count(".") != 2):
-            raise _bad(spec, "a digest pins one exact release: alpine:X.Y.Z@sha256:HEX")
-        if version and version.count(".") == 1:
-            return AlpineSpec(branch=version)
-        return AlpineSpec(version=version, branch=version.rsplit(".", 1)[0] if version else None,
-                          digest=digest)
-    if text.startswith("alpine"):
-        raise _bad(spec, "Alpine versions are written alpine:3.20 or alpine:3.20.3")
-    if re.match(r"^[a-z]+://", text):
-        match = _URL.match(text)
-        if not match:
-            raise _bad(spec, "a URL must be http(s) and end with #sha256=<64 hex digits>")
-        return UrlSpec(match["url"], match["digest"])
+    if text == "alpine" or text.startswith(("alpine:", "alpine@")):
+        return _alpine_spec(spec, text)
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", text):
+        return _url_spec(spec, text)
     return _path_spec(text)
+
+
+def _alpine_spec(spec: str, text: str) -> AlpineSpec:
+    rest, _, pin = text[len("alpine"):].partition("@")
+    version = rest[1:] if rest else None
+    if version is not None and not _VERSION.fullmatch(version):
+        raise _bad(spec, f"Alpine versions are written alpine:3.20 or alpine:3.20.3, not {version!r}")
+    digest = None
+    if pin:
+        if not pin.startswith("sha256:"):
+            raise _bad(spec, "a digest is written @sha256:<64 hex digits>")
+        digest = _digest(spec, pin[len("sha256:"):])
+    if digest and (version is None or version.count(".") != 2):
+        raise _bad(spec, "a digest pins one exact release: alpine:X.Y.Z@sha256:HEX")
+    if version and version.count(".") == 1:
+        return AlpineSpec(branch=version)
+    return AlpineSpec(version=version, branch=version.rsplit(".", 1)[0] if version else None, digest=digest)
+
+
+def _url_spec(spec: str, text: str) -> UrlSpec:
+    if not text.startswith(("http://", "https://")):
+        raise _bad(spec, "a URL must be http:// or https://")
+    url, hash_sign, fragment = text.partition("#")
+    if not hash_sign or not fragment.startswith("sha256=") or " " in url:
+        raise _bad(spec, "a URL must end with #sha256=<64 hex digits>, the digest of the file")
+    return UrlSpec(url, _digest(spec, fragment[len("sha256="):]))
+
+
+def _digest(spec: str, text: str) -> str:
+    """A SHA-256 in hex, either case (sha256sum writes lower, some tools upper); stored lower."""
+    if _HEX.fullmatch(text):
+        return text.lower()
+    wrong = sorted(set(text) - set("0123456789abcdefABCDEF"))
+    if wrong:
+        raise _bad(spec, f"a SHA-256 digest is 64 hex digits (0-9, a-f), this one has {''.join(wrong)!r}")
+    raise _bad(spec, f"a SHA-256 digest is 64 hex digits, this one has {len(text)}")
 
 
 def _path_spec(text: str) -> PathSpec:
@@ -103,6 +132,9 @@ def _path_spec(text: str) -> PathSpec:
         return PathSpec(path, is_dir=False)
     if path.exists():
         raise _bad(text, f"{path} is neither a directory nor a tarball")
+    if text.startswith("alpine"):
+        raise _bad(text, f"Alpine versions are written alpine:3.20 or alpine:3.20.3, and there is no file "
+                         f"or directory {path}")
     raise _bad(text, f"it is neither a directory nor a tarball that exists (looked at {path})")
 
 

@@ -8,7 +8,7 @@ import tarfile
 
 import pytest
 
-from pytest_nsbox import Sandbox, UnsafeArchiveError
+from pytest_nsbox import RootfsError, Sandbox, UnsafeArchiveError
 from pytest_nsbox.archive import extract
 from pytest_nsbox.rootfs import resolve
 
@@ -53,9 +53,9 @@ def _tarball(path, *members):
     return path
 
 
-def _file(name, data=b"x"):
+def _file(name, data=b"x", mode=0o644):
     info = tarfile.TarInfo(name)
-    info.size = len(data)
+    info.size, info.mode = len(data), mode
     return info, data
 
 
@@ -95,7 +95,7 @@ def test_malicious_tarball_is_refused_and_not_cached(tmp_path, members, member_n
 
 
 def test_links_that_stay_inside_are_kept(tmp_path):
-    archive = _tarball(tmp_path / "ok.tar", _file("usr/bin/tool"), _link("bin", "usr/bin"),
+    archive = _tarball(tmp_path / "ok.tar", _file("usr/bin/tool"), _file("usr/bin/sh", mode=0o755), _link("bin", "usr/bin"),
                        _link("usr/lib/abs", "/usr/bin/tool"), _link("usr/bin/hard", "usr/bin/tool", tarfile.LNKTYPE))
     tree = resolve(archive, tmp_path / "cache").tree
     assert os.readlink(tree / "bin") == "usr/bin"
@@ -103,12 +103,55 @@ def test_links_that_stay_inside_are_kept(tmp_path):
     assert (tree / "usr/bin/hard").stat().st_ino == (tree / "usr/bin/tool").stat().st_ino
 
 
-def test_not_a_tarball_is_a_clear_error(tmp_path):
-    from pytest_nsbox import RootfsError
+def test_not_a_tarball_is_named_by_the_users_path(tmp_path):
     bogus = tmp_path / "bogus.tar.gz"
     bogus.write_bytes(b"not a tarball")
-    with pytest.raises(RootfsError, match="not a readable tarball"):
+    with pytest.raises(RootfsError, match=f"^{bogus} is not a readable tarball") as caught:
         resolve(bogus, tmp_path / "cache")
+    assert ".tmp-" not in str(caught.value)
+    assert sorted(p.name for p in (tmp_path / "cache" / "trees").iterdir() if not p.name.endswith(".lock")) == []
+
+
+def _tree(root, *links, files=()):
+    for name, mode in files:
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("#!/bin/true\n")
+        path.chmod(mode)
+    for name, target in links:
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.symlink_to(target)
+    return root
+
+
+@pytest.mark.parametrize("links, files, ok", [
+    ([("bin/sh", "/bin/busybox")], [("bin/busybox", 0o755)], True),          # Alpine's: absolute, in the tree
+    ([("bin/sh", "busybox")], [("bin/busybox", 0o755)], True),
+    ([("bin", "usr/bin"), ("usr/bin/sh", "../../usr/bin/../bin/dash")], [("usr/bin/dash", 0o755)], True),
+    ([("bin/sh", "/../../../bin/busybox")], [("bin/busybox", 0o755)], True),  # '..' stops at the tree's root
+    ([], [], False),                                                         # empty
+    ([], [("bin/sh", 0o644)], False),                                        # not executable
+    ([("bin/sh", "/usr/bin/dash")], [], False),                              # only on the host
+    ([("bin/sh", "/bin/sh")], [], False),                                    # a loop
+    ([("bin", "/bin")], [], False),                                          # the host's /bin, not the tree's
+])
+def test_a_rootfs_tree_needs_an_executable_bin_sh(tmp_path, links, files, ok):
+    assert os.path.exists("/usr/bin/dash") or os.path.exists("/bin/sh")
+    tree = _tree(tmp_path / "tree", *links, files=files)
+    tree.mkdir(exist_ok=True)
+    if ok:
+        assert resolve(tree, tmp_path / "cache").tree == tree
+    else:
+        with pytest.raises(RootfsError, match=f"^{tree} has no executable /bin/sh "):
+            resolve(tree, tmp_path / "cache")
+
+
+def test_a_tarball_without_bin_sh_is_refused_and_not_cached(tmp_path):
+    archive = _tarball(tmp_path / "nosh.tar.gz", _file("usr/bin/python3", mode=0o755))
+    with pytest.raises(RootfsError, match=f"^{archive} has no executable /bin/sh .*a whole root filesystem"):
+        resolve(archive, tmp_path / "cache")
+    assert sorted(p.name for p in (tmp_path / "cache" / "trees").iterdir() if not p.name.endswith(".lock")) == []
 
 
 def test_unusable_cache_is_a_sentence_not_a_traceback(alpine_tarball, tmp_path):
@@ -117,5 +160,5 @@ def test_unusable_cache_is_a_sentence_not_a_traceback(alpine_tarball, tmp_path):
     lock = tmp_path / "trees" / f"sha256-{digest}.lock"
     lock.mkdir(parents=True)  # the entry's lock cannot be opened, even by root
     rootfs._default_stores.clear()
-    with pytest.raises(RootfsError, match=r"cannot cache .* choose another cache with --nsbox-cache-dir"):
+    with pytest.raises(RootfsError, match=rf"^{alpine_tarball}: cannot write {lock}: Is a directory; choose another cache with --nsbox-cache-dir"):
         resolve(alpine_tarball, tmp_path)

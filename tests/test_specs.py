@@ -56,3 +56,47 @@ def test_mirror_layout_and_files():
     release = latest_minirootfs(yaml, "x86_64")
     assert (release.version, release.sha256) == ("3.20.3", "abc")
     assert parse_checksum_file(f"{DIGEST}  f.tar.gz\n", "f.tar.gz") == DIGEST
+
+
+def test_an_existing_file_named_like_alpine_is_a_path(tmp_path, monkeypatch):
+    # The README's own example: Alpine's release file, next to the code that uses it.
+    monkeypatch.chdir(tmp_path)
+    name = "alpine-minirootfs-3.20.3-x86_64.tar.gz"
+    (tmp_path / name).write_bytes(b"")
+    assert parse(name) == PathSpec(tmp_path / name, is_dir=False)
+    (tmp_path / "alpine3").mkdir()
+    assert parse("alpine3") == PathSpec(tmp_path / "alpine3", is_dir=True)
+
+
+def test_the_keywords_win_over_a_directory_of_that_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "alpine").mkdir()
+    (tmp_path / "host").mkdir()
+    assert parse("alpine") == AlpineSpec() and parse("host") == HostSpec()
+    assert parse("./alpine") == PathSpec(tmp_path / "alpine", is_dir=True)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("alpine-minirootfs-3.20.3-x86_64.tar.gz", "there is no file {cwd}/alpine-minirootfs-3.20.3-x86_64.tar.gz"),
+    ("alpine3.20", "Alpine versions are written alpine:3.20 or alpine:3.20.3, and there is no file or "
+                   "directory {cwd}/alpine3.20"),
+    ("alpine:edge", "Alpine versions are written alpine:3.20 or alpine:3.20.3, not 'edge'"),
+    ("alpine:3.20.3@sha256:abc", "a SHA-256 digest is 64 hex digits, this one has 3"),
+    (f"alpine:3.20.3@sha256:{'g' * 64}", "a SHA-256 digest is 64 hex digits (0-9, a-f), this one has 'g'"),
+    (f"alpine:3.20.3@md5:{DIGEST}", "a digest is written @sha256:<64 hex digits>"),
+    ("https://example.org/x.tar.gz#sha256=abc", "a SHA-256 digest is 64 hex digits, this one has 3"),
+    ("https://example.org/x.tar.gz", "a URL must end with #sha256=<64 hex digits>, the digest of the file"),
+    (f"ftp://x/y.tar#sha256={DIGEST}", "a URL must be http:// or https://"),
+])
+def test_bad_specs_say_what_is_wrong(tmp_path, monkeypatch, text, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as caught:
+        parse(text)
+    assert message.format(cwd=tmp_path) in str(caught.value)
+
+
+def test_upper_case_digests_are_accepted():
+    upper = "D4E6FD67DCF75E40C451560AC7265166C2B72A0F38DDC9AAE756A7DE3D1EFA0C"
+    assert parse(f"alpine:3.20.3@sha256:{upper}").digest == upper.lower()
+    assert parse(f"https://example.org/x.tar.gz#sha256={upper}") == UrlSpec("https://example.org/x.tar.gz",
+                                                                           upper.lower())

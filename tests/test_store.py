@@ -133,9 +133,22 @@ def test_server_errors_are_reported(store, mirror, status):
     assert _cache_leftovers(store) == []
 
 
-def test_unknown_release_is_a_clear_error(store):
-    with pytest.raises(RootfsError, match="alpine-minirootfs-3.18.99-x86_64.tar.gz.sha256: the server answered HTTP 404"):
-        store.resolve("alpine:3.18.99")
+@pytest.mark.parametrize("spec, known", [
+    ("alpine:9.99", "branches on the mirror: 3.19, 3.20; pinned releases: 3.19.4, 3.20.3"),
+    ("alpine:3.18.99", "branches on the mirror: 3.19, 3.20; pinned releases: 3.19.4, 3.20.3"),
+    ("alpine:3.20.99", "releases of 3.20 on the mirror: 3.20.3; pinned releases: 3.19.4, 3.20.3"),
+])
+def test_unknown_release_is_a_clear_error(store, spec, known):
+    version = spec.split(":")[1]
+    with pytest.raises(RootfsError, match=rf"{spec}: no such Alpine release {version} \(x86_64\) on "
+                                          rf"{store.mirror}; {known}"):
+        store.resolve(spec)
+
+
+def test_unknown_release_on_an_unlisted_mirror_names_the_pinned_ones(store, mirror):
+    mirror.fail["/"] = 403  # a mirror that lists no directories
+    with pytest.raises(RootfsError, match=r"no such Alpine release 9.99 .*; pinned releases: 3.19.4, 3.20.3$"):
+        store.resolve("alpine:9.99")
 
 
 def test_offline_hit_and_miss(store, tmp_path):
@@ -202,8 +215,8 @@ KILLED_MID_EXTRACT = textwrap.dedent("""
     from pytest_nsbox import archive
     from pytest_nsbox.rootfs import RootfsStore
     real = archive.extract
-    def slow(tarball, dest):
-        real(tarball, dest)
+    def slow(tarball, dest, **kwargs):
+        real(tarball, dest, **kwargs)
         time.sleep(300)  # killed here: the tree is extracted but never renamed into place
     archive.extract = slow
     RootfsStore(sys.argv[1], sys.argv[2]).resolve("alpine:3.20.3")
