@@ -284,11 +284,19 @@ class _OpenHow(ctypes.Structure):
 def openat2(dirfd: int, path: str, flags: int, resolve: int, mode: int = 0) -> int:
     """open(2) relative to `dirfd`, with path resolution restricted by `resolve` (Linux 5.6)."""
     how = _OpenHow(flags | os.O_CLOEXEC, mode, resolve)
-    fd = _libc.syscall(_SYS_OPENAT2, dirfd, _b(path), ctypes.byref(how), ctypes.sizeof(how))
-    if fd < 0:
+    # With RESOLVE_IN_ROOT, a ".." is refused with EAGAIN if any mount or rename happened on the
+    # machine meanwhile (another sandbox being built): the kernel asks us to try again.
+    for _attempt in range(_OPENAT2_TRIES):
+        fd = _libc.syscall(_SYS_OPENAT2, dirfd, _b(path), ctypes.byref(how), ctypes.sizeof(how))
+        if fd >= 0:
+            return fd
         err = ctypes.get_errno()
-        raise KernelError(err, "open", path, "openat2(2) needs Linux >= 5.6" if err == errno.ENOSYS else "")
-    return fd
+        if err != errno.EAGAIN:
+            break
+    raise KernelError(err, "open", path, "openat2(2) needs Linux >= 5.6" if err == errno.ENOSYS else "")
+
+
+_OPENAT2_TRIES = 1000
 
 
 def umount2(target: str, flags: int) -> None:

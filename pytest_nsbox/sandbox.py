@@ -150,6 +150,10 @@ class _Channel:
                     message, fds = protocol.receive(self.sock, socket.MSG_DONTWAIT, shared=False)
                 except BlockingIOError:
                     return
+                except ConnectionResetError:
+                    # Init went away with our last message unread: the kernel says so before it
+                    # hands over what init sent first (its error, say), which is still queued.
+                    continue
                 except OSError:
                     message, fds = None, []
                 for fd in fds:
