@@ -35,6 +35,11 @@ def sandbox_processes(ns: str, init_pid: int) -> set[int]:
     return found
 
 
+def commands_of(ns: str, init_pid: int) -> set[int]:
+    """The sandbox's live processes but its init: what its commands left running."""
+    return sandbox_processes(ns, init_pid) - {init_pid}
+
+
 def alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
