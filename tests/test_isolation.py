@@ -91,3 +91,10 @@ def test_dev_is_minimal_and_tmp_and_shm_are_writable(sandbox):
                      "fd", "stdin", "stdout", "stderr"}
     assert sandbox.run("head -c 4 /dev/urandom | wc -c; echo x > /dev/null").stdout == "4\n"
     assert sandbox.run("echo a > /tmp/a && echo b > /dev/shm/b && echo c > /run/c").returncode == 0
+
+
+def test_ping_works_over_the_private_loopback(sandbox):
+    # ICMP echo sockets need the caller's group in ping_group_range; only gid 0 is mapped here.
+    assert sandbox.read_file("/proc/sys/net/ipv4/ping_group_range").split() == ["0", "0"]
+    result = sandbox.run(["ping", "-c", "1", "-W", "2", "127.0.0.1"])
+    assert result.returncode == 0 and "1 packets received" in result.stdout, result.stderr
