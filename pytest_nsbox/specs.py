@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import NamedTuple, Union
 
 from .archive import ARCHIVE_SUFFIXES
 from .errors import ConfigError
@@ -27,8 +26,9 @@ _VERSION = re.compile(r"\d+\.\d+(?:\.\d+)?")
 _HEX = re.compile(r"[0-9a-fA-F]{64}")
 
 
-@dataclass(frozen=True)
-class AlpineSpec:
+# NamedTuples, not dataclasses: the plugin checks --nsbox-rootfs at start-up, and defining four
+# dataclasses cost every pytest run more than the rest of this module.
+class AlpineSpec(NamedTuple):
     branch: str | None = None   # "3.20"
     version: str | None = None  # "3.20.3"
     digest: str | None = None   # caller-pinned sha256
@@ -38,8 +38,7 @@ class AlpineSpec:
         return text + (f"@sha256:{self.digest}" if self.digest else "")
 
 
-@dataclass(frozen=True)
-class UrlSpec:
+class UrlSpec(NamedTuple):
     url: str
     digest: str
 
@@ -47,8 +46,7 @@ class UrlSpec:
         return f"{self.url}#sha256={self.digest}"
 
 
-@dataclass(frozen=True)
-class PathSpec:
+class PathSpec(NamedTuple):
     path: Path
     is_dir: bool
 
@@ -56,8 +54,7 @@ class PathSpec:
         return str(self.path)
 
 
-@dataclass(frozen=True)
-class HostSpec:
+class HostSpec(NamedTuple):
     def __str__(self) -> str:
         return "host"
 

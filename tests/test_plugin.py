@@ -61,11 +61,25 @@ def test_marker_is_registered_for_strict_markers(pytester):
     pytester.runpytest_subprocess("--markers").stdout.fnmatch_lines(["@pytest.mark.sandbox(**settings)*"])
 
 
-def test_header_names_rootfs_and_namespaces(pytester):
-    pytester.makepyfile("def test_x():\n    pass\n")
+def test_report_names_rootfs_and_namespaces_once_sandboxed_tests_are_collected(pytester):
+    pytester.makepyfile("def test_x(sandbox):\n    pass\n")
     result = pytester.runpytest_subprocess()
-    result.stdout.fnmatch_lines(["nsbox: rootfs *alpine-minirootfs-3.20.3-x86_64.tar.gz sha256:d4e6fd67dcf7 (local file); cache *",
+    result.stdout.fnmatch_lines(["collected 1 item",
+                                 "nsbox: rootfs *alpine-minirootfs-3.20.3-x86_64.tar.gz sha256:d4e6fd67dcf7 (local file); cache *",
                                  "nsbox: namespaces user,mnt,pid,ipc,uts,cgroup,net: available"])
+
+
+def test_a_run_without_sandboxed_tests_starts_nothing(pytester):
+    # No report lines, and no spawner: the plugin costs such a run next to nothing.
+    pytester.makepyfile(textwrap.dedent("""
+        import sys
+        def test_x():
+            assert "pytest_nsbox.client" not in sys.modules
+            assert "pytest_nsbox.rootfs" not in sys.modules
+    """))
+    result = pytester.runpytest_subprocess()
+    result.assert_outcomes(passed=1)
+    assert "nsbox:" not in result.stdout.str()
 
 
 def test_failure_report_lists_sandbox_commands(pytester):
@@ -145,7 +159,7 @@ def test_bad_unavailable_option_is_a_usage_error(pytester):
     pytester.makeini("[pytest]\nnsbox_unavailable = maybe\n")
     result = pytester.runpytest_subprocess()
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["*--nsbox-unavailable must be one of fail, skip, not 'maybe'*"])
+    result.stderr.fnmatch_lines(["ERROR: nsbox_unavailable in tox.ini must be one of fail, skip, not 'maybe'"])
 
 
 def test_patched_popen_does_not_intercept_sandboxes(pytester):
@@ -172,3 +186,82 @@ def test_works_under_xdist(pytester):
     """))
     result = pytester.runpytest_subprocess("-n", "2", "-W", "error::DeprecationWarning")
     result.assert_outcomes(passed=8)
+
+
+@pytest.mark.parametrize("args, ini, message", [
+    (["--nsbox-pids-max=0"], "", "ERROR: --nsbox-pids-max is 0, which would turn the fork-bomb cap off*"),
+    ([], "nsbox_pids_max = 0", "ERROR: nsbox_pids_max in tox.ini is 0, which would turn the fork-bomb cap off*"),
+    ([], "nsbox_offline = maybe", "ERROR: nsbox_offline in tox.ini must be true or false*not 'maybe'"),
+    ([], "nsbox_require_caps = yess", "ERROR: nsbox_require_caps in tox.ini must be true or false*not 'yess'"),
+    ([], "nsbox_timeout = soon", "ERROR: nsbox_timeout in tox.ini takes a positive number of seconds, not 'soon'"),
+], ids=["pids-0-cli", "pids-0-ini", "offline-maybe", "require-caps-typo", "timeout-word"])
+def test_a_bad_run_wide_value_is_never_read_as_off(pytester, args, ini, message):
+    pytester.makeini(f"[pytest]\n{ini}\n")
+    pytester.makepyfile("def test_x(sandbox):\n    pass\n")
+    result = pytester.runpytest_subprocess(*args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([message])
+
+
+def test_pids_max_zero_from_the_environment_is_refused_too(pytester, monkeypatch):
+    monkeypatch.setenv("NSBOX_PIDS_MAX", "0")
+    pytester.makepyfile("def test_x(sandbox):\n    pass\n")
+    result = pytester.runpytest_subprocess()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["ERROR: NSBOX_PIDS_MAX is 0, which would turn the fork-bomb cap off*"])
+
+
+def test_relative_ini_paths_are_relative_to_the_ini_file(pytester, monkeypatch, alpine_tarball):
+    # Run from a subdirectory: the cache named in the ini must still be next to the ini file.
+    monkeypatch.delenv("NSBOX_CACHE_DIR")
+    monkeypatch.delenv("NSBOX_ROOTFS")
+    (pytester.path / "rootfs.tar.gz").write_bytes(alpine_tarball.read_bytes())
+    pytester.makeini("[pytest]\nnsbox_cache_dir = .nsbox-cache\nnsbox_rootfs = rootfs.tar.gz\n")
+    sub = pytester.mkdir("tests")
+    (sub / "test_x.py").write_text("def test_x(sandbox):\n    assert sandbox.run(['true']).returncode == 0\n")
+    monkeypatch.chdir(sub)
+    pytester.runpytest_subprocess("test_x.py").assert_outcomes(passed=1)
+    assert (pytester.path / ".nsbox-cache" / "trees").is_dir()
+    assert not (sub / ".nsbox-cache").exists()
+
+
+def test_markers_merge_keyword_by_keyword_the_closest_winning(pytester):
+    pytester.makepyfile(textwrap.dedent("""
+        import pytest
+        pytestmark = pytest.mark.sandbox(network="host", hostname="from-module")
+
+        @pytest.mark.sandbox(hostname="from-class")
+        class TestC:
+            @pytest.mark.sandbox(env={"A": "1"})
+            def test_all_three(self, sandbox):
+                assert sandbox.settings.network == "host"
+                assert sandbox.run("hostname; echo $A").stdout == "from-class\\n1\\n"
+
+        @pytest.mark.sandbox(hostname="from-function")
+        def test_function_over_module(sandbox_factory):
+            box = sandbox_factory(env={"B": "2"})  # the factory starts from the markers too
+            assert box.settings.network == "host"
+            assert box.run("hostname; echo $B").stdout == "from-function\\n2\\n"
+    """))
+    pytester.runpytest_subprocess().assert_outcomes(passed=2)
+
+
+def test_a_marker_that_configures_nothing_warns(pytester):
+    pytester.makepyfile(textwrap.dedent("""
+        import pytest
+
+        @pytest.mark.sandbox(network="none")
+        def test_unsandboxed():
+            pass
+    """))
+    result = pytester.runpytest_subprocess()
+    result.assert_outcomes(passed=1, warnings=1)
+    result.stdout.fnmatch_lines(["*PytestWarning: test_a_marker_that_configures_nothing_warns.py::test_unsandboxed "
+                                 "is marked @pytest.mark.sandbox but takes neither the `sandbox` nor the "
+                                 "`sandbox_factory` fixture*"])
+
+
+def test_the_report_speaks_of_sizes_in_units(pytester):
+    pytester.makepyfile("def test_x(sandbox):\n    pass\n")
+    result = pytester.runpytest_subprocess("--nsbox-memory-max=512M")
+    result.stdout.fnmatch_lines(["nsbox: caps: * default pids_max 512, memory_max 512M"])
