@@ -13,14 +13,14 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["ConfigError", "Mount", "NsboxError", "RootfsError", "Sandbox", "SandboxClosed",
+__all__ = ["ConfigError", "Mount", "NsboxError", "NsboxWarning", "RootfsError", "Sandbox", "SandboxClosed",
            "SandboxProcess", "SandboxSettings", "SandboxSetupError", "SandboxUnavailable",
            "UnsafeArchiveError"]
 
 _HOMES = {
     "Sandbox": "sandbox", "SandboxProcess": "sandbox",
     "Mount": "settings", "SandboxSettings": "settings",
-    "NsboxError": "errors", "ConfigError": "errors", "RootfsError": "errors", "UnsafeArchiveError": "errors",
+    "NsboxError": "errors", "NsboxWarning": "errors", "ConfigError": "errors", "RootfsError": "errors", "UnsafeArchiveError": "errors",
     "SandboxClosed": "errors", "SandboxSetupError": "errors", "SandboxUnavailable": "errors",
 }
 
@@ -28,8 +28,8 @@ TYPE_CHECKING = False  # not typing's: the spawner imports this package and must
 if TYPE_CHECKING:
     from typing import Any
 
-    from .errors import (ConfigError, NsboxError, RootfsError, SandboxClosed, SandboxSetupError,
-                         SandboxUnavailable, UnsafeArchiveError)
+    from .errors import (ConfigError, NsboxError, NsboxWarning, RootfsError, SandboxClosed,
+                         SandboxSetupError, SandboxUnavailable, UnsafeArchiveError)
     from .sandbox import Sandbox, SandboxProcess
     from .settings import Mount, SandboxSettings
 

@@ -26,6 +26,8 @@ _Popen = subprocess.Popen
 _DEVNULL = subprocess.DEVNULL
 _PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
 _HANDSHAKE_TIMEOUT = 30.0
+#: The spawner answers a request in milliseconds (it never waits for a sandbox's setup).
+_REQUEST_TIMEOUT = 30.0
 _CLOSE_TIMEOUT = 5.0
 _BOOT = ("import sys; sys.path.insert(0, {path!r}); "
          "from pytest_nsbox.spawner import main; main({fd})")
@@ -87,7 +89,7 @@ class Spawner:
         ours.settimeout(_HANDSHAKE_TIMEOUT)  # systemd-run waits on D-Bus, which may never answer
         try:
             self.request({"op": "hello"})
-        except SandboxUnavailable:
+        except (SandboxUnavailable, SandboxSetupError):  # no answer, or no answer in time
             raise SandboxUnavailable(self._failed_start(errors)) from None
         finally:
             if errors is not None:
@@ -122,21 +124,41 @@ class Spawner:
 
     def request(self, message: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
         with self.lock:
+            timeout = self.sock.gettimeout()
+            self.sock.settimeout(timeout or _REQUEST_TIMEOUT)
             try:
                 protocol.send(self.sock, message)
                 reply, fds = protocol.receive(self.sock, shared=False)
+            except TimeoutError:
+                raise SandboxSetupError(self._no_answer()) from None
             except OSError as exc:
                 reply, fds = None, []
                 error = str(exc)
             else:
                 error = "it exited"
+            finally:
+                self.sock.settimeout(timeout)
         if reply is None:
             code = self.process.poll()
-            raise SandboxUnavailable(f"the sandbox spawner ({sys.executable}) stopped answering: "
-                                     f"{error} (exit status {code}); set NSBOX_DEBUG=1 to see its stderr")
+            how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit status {code}"
+            raise SandboxUnavailable(f"the sandbox spawner (pid {self.process.pid}, {sys.executable}) "
+                                     f"stopped answering: {error} ({how}); set NSBOX_DEBUG=1 to see its stderr")
         if reply.get("op") == "error":
             raise (SandboxUnavailable if reply.get("unavailable") else SandboxSetupError)(reply["message"])
         return reply, fds
+
+    def _no_answer(self) -> str:
+        pid = self.process.pid
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            state = "?"
+        if state in ("T", "t"):
+            why = f"it is stopped (SIGSTOP?): `kill -CONT {pid}` resumes it"
+        else:
+            why = "it is alive but busy or hung; set NSBOX_DEBUG=1 to see its stderr"
+        return f"the sandbox spawner (pid {pid}) did not answer within {_REQUEST_TIMEOUT:g} s: {why}"
 
     def create(self, spec: dict[str, Any]) -> tuple[socket.socket, int, dict[str, Any]]:
         """A new sandbox's socket, its init's pidfd, and what the spawner says of it (caps, cgroup)."""

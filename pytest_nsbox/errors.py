@@ -53,3 +53,7 @@ class ArchiveLimitError(UnsafeArchiveError):
 
 class RemoteNotFound(RootfsError):
     """The server has no such file (HTTP 404 or 410)."""
+
+
+class NsboxWarning(UserWarning):
+    """Something works, but not as asked: a cap lower than asked for, say."""

@@ -83,17 +83,22 @@ class Init:
         namespaces = {name: os.readlink(f"self/ns/{name}", dir_fd=self.proc)
                       for name in kernel.NAMESPACE_FLAGS}
         kernel.join_new_session_keyring()
-        if spec.get("pids_max") and spec.get("mechanism") == "rlimit":
+        pids_max = spec.get("pids_max")
+        if pids_max and spec.get("mechanism") == "rlimit":
             # Counted per user namespace (Linux >= 5.14), and set before any command's user
             # namespace exists, whose ucount limit it becomes: this caps the sandbox, not the user.
-            resource.setrlimit(resource.RLIMIT_NPROC, (spec["pids_max"], spec["pids_max"]))
+            # Never above the owner's hard limit (ulimit -Hu), which nobody here may raise.
+            hard = resource.getrlimit(resource.RLIMIT_NPROC)[1]
+            if hard != resource.RLIM_INFINITY:
+                pids_max = min(pids_max, hard)
+            resource.setrlimit(resource.RLIMIT_NPROC, (pids_max, pids_max))
         if spec.get("seccomp", True):
             seccomp.install(spec["seccomp_program"])  # no_new_privs first, then the filter
         else:
             kernel.set_no_new_privs()  # no exec inside may gain privileges, filter or not
         # Nobody inside may open /proc/1/exe (the host's Python) or ptrace us: runc CVE-2019-5736.
         kernel.set_dumpable(False)
-        protocol.send(self.sock, {"op": "ready", "namespaces": namespaces})
+        protocol.send(self.sock, {"op": "ready", "namespaces": namespaces, "pids_max": pids_max})
 
     # -- the loop ---------------------------------------------------------------------------
     def serve(self) -> None:

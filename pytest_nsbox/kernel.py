@@ -10,6 +10,8 @@ import ctypes
 import errno
 import os
 
+from . import hints
+
 # Namespace flags (linux/sched.h).
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000
@@ -135,30 +137,8 @@ def unshare_hint(err: int, flags: int) -> str:
         return ("the user namespace limit is reached or zero: check `sysctl user.max_user_namespaces` "
                 "and raise it (e.g. `sysctl -w user.max_user_namespaces=15000`)")
     if err in (errno.EPERM, errno.EACCES):
-        return userns_policy_hint()
+        return hints.userns_refused()
     return ""
-
-
-def userns_policy_hint(*, seccomp: bool = True) -> str:
-    """The host policies that forbid unprivileged user namespaces, found by looking at the host."""
-    checks = [
-        ("/proc/sys/kernel/unprivileged_userns_clone", "0",
-         "user namespaces are disabled: run `sysctl -w kernel.unprivileged_userns_clone=1`"),
-        ("/proc/sys/kernel/apparmor_restrict_unprivileged_userns", "1",
-         "AppArmor restricts unprivileged user namespaces (Ubuntu 23.10+): run "
-         "`sysctl -w kernel.apparmor_restrict_unprivileged_userns=0` or add an AppArmor profile "
-         "with `userns,` for this Python interpreter"),
-        ("/proc/sys/user/max_user_namespaces", "0",
-         "user namespaces are disabled: run `sysctl -w user.max_user_namespaces=15000`"),
-    ]
-    for path, bad, hint in checks:
-        if read_text(path).strip() == bad:
-            return hint
-    if seccomp and (os.path.exists("/.dockerenv") or "docker" in read_text("/proc/1/cgroup")):
-        return ("this looks like a Docker container, whose default seccomp profile blocks "
-                "unshare(CLONE_NEWUSER): run the container with `--security-opt seccomp=unconfined` "
-                "(or a profile that allows unshare)")
-    return "unprivileged user namespaces are not allowed on this host"
 
 
 def read_text(path: str) -> str:
@@ -197,7 +177,9 @@ def mount_hint(err: int, fstype: str | None) -> str:
                 f"{_RELEASE}); the rootfs cache must be on a filesystem overlayfs "
                 "accepts as a lower layer (not another overlay or NFS)")
     if fstype == "proc" and err == errno.EPERM:
-        return "a new /proc can only be mounted where the host's /proc is fully visible (not masked)"
+        return hints.proc_refused()
+    if err in (errno.EPERM, errno.EACCES):
+        return hints.mount_refused()
     return ""
 
 
@@ -241,15 +223,42 @@ def set_read_only(fd: int, recursive: bool) -> None:
     set_mount_attributes(fd, _MOUNT_ATTR_RDONLY, recursive)
 
 
-def set_mount_attributes(fd: int, attributes: int, recursive: bool = False) -> None:
-    """Set MOUNT_ATTR_* flags on the mount `fd` refers to (and its submounts if `recursive`)."""
+def set_mount_attributes(fd: int, attributes: int, recursive: bool = False, path: str = "") -> None:
+    """Set MOUNT_ATTR_* flags on the mount `fd` refers to, or on `path` relative to it (and their
+    submounts if `recursive`)."""
     attr = _MountAttr(attributes, 0, 0, 0)
-    flags = _AT_EMPTY_PATH | (_AT_RECURSIVE if recursive else 0)
-    result = _libc.syscall(_SYS_MOUNT_SETATTR, fd, b"", flags, ctypes.byref(attr), ctypes.sizeof(attr))
+    flags = (0 if path else _AT_EMPTY_PATH) | (_AT_RECURSIVE if recursive else 0)
+    result = _libc.syscall(_SYS_MOUNT_SETATTR, fd, _b(path), flags, ctypes.byref(attr), ctypes.sizeof(attr))
     if result != 0:
         err = ctypes.get_errno()
-        raise KernelError(err, "set mount attributes", fd_path(fd),
+        raise KernelError(err, "set mount attributes", path or fd_path(fd),
                           "mount_setattr(2) needs Linux >= 5.12" if err == errno.ENOSYS else "")
+
+
+def make_tree_read_only(path: str) -> None:
+    """Every mount at and below `path`, in our mount namespace, read-only."""
+    set_mount_attributes(-100, _MOUNT_ATTR_RDONLY, recursive=True, path=path)
+
+
+_pythonapi = ctypes.pythonapi
+
+
+def fork_into(flags: int, cgroup_fd: int = -1, what: str = "fork") -> tuple[int, int]:
+    """clone3() of this (possibly multi-threaded) Python process, with namespaces and a pidfd, as
+    os.fork() would do it: Python's own before/after-fork work runs (locks, threads, at-fork
+    handlers), so the child finds the interpreter in order.  (pid, pidfd), or (0, -1) in the child.
+    """
+    _pythonapi.PyOS_BeforeFork()
+    try:
+        pid, pidfd = clone(flags, cgroup_fd, what)
+    except BaseException:
+        _pythonapi.PyOS_AfterFork_Parent()
+        raise
+    if pid == 0:
+        _pythonapi.PyOS_AfterFork_Child()
+    else:
+        _pythonapi.PyOS_AfterFork_Parent()
+    return pid, pidfd
 
 
 def attach_mount(fd: int, target: str | int, source: str) -> None:
@@ -355,16 +364,16 @@ def set_process_name(name: str) -> None:
                 ctypes.c_ulong(0), ctypes.c_ulong(0))
 
 
-def write_id_maps(uid: int, gid: int, inner: int = 0, pid: str = "self") -> None:
-    """Map `inner` inside the current user namespace to `uid`/`gid` of its parent."""
+def write_id_maps(uid: int, gid: int, inner_uid: int = 0, inner_gid: int = 0, pid: str = "self") -> None:
+    """Map `inner_uid`/`inner_gid` inside the current user namespace to `uid`/`gid` of its parent."""
     base = f"/proc/{pid}"
     try:
         _write(f"{base}/setgroups", "deny")
-        _write(f"{base}/uid_map", f"{inner} {uid} 1\n")
-        _write(f"{base}/gid_map", f"{inner} {gid} 1\n")
+        _write(f"{base}/uid_map", f"{inner_uid} {uid} 1\n")
+        _write(f"{base}/gid_map", f"{inner_gid} {gid} 1\n")
     except OSError as exc:
         raise KernelError(exc.errno or errno.EPERM, "write user namespace id map", exc.filename,
-                          userns_policy_hint(seccomp=False) if exc.errno in (errno.EPERM, errno.EACCES) else "") from None
+                          hints.userns_refused() if exc.errno in (errno.EPERM, errno.EACCES) else "") from None
 
 
 def _write(path: str, text: str) -> None:

@@ -14,12 +14,12 @@ import time
 import warnings
 import weakref
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import IO, Any, Union
 
 from . import caps, protocol
 from .client import Spawner
-from .errors import ConfigError, SandboxClosed, SandboxSetupError, SandboxUnavailable
+from .errors import ConfigError, NsboxWarning, SandboxClosed, SandboxSetupError, SandboxUnavailable
 from .rootfs import Rootfs, resolve
 from .settings import BASE_ENV, DEFAULT_OUTPUT_MAX, DEFAULT_PIDS_MAX, Mount, SandboxSettings
 
@@ -29,6 +29,8 @@ STDOUT = subprocess.STDOUT
 
 Command = Union[str, Sequence[str]]
 _CLOSE_TIMEOUT = 10.0
+#: How long init may take to report ready or to answer an exec: milliseconds when it is well.
+_ANSWER_TIMEOUT = 30.0
 _OUT_OF_MEMORY = re.compile(r"out of memory|cannot allocate memory|MemoryError|std::bad_alloc", re.I)
 _READ_CHUNK = 1 << 16
 _UNSET: Any = object()  # run(output_max=None) means "no cap", so "not given" needs its own value
@@ -65,6 +67,7 @@ class Limits:
     memory_mechanism: str | None
     cgroup: dict[str, str] | None = None
     tmpfs_size: int | None = None
+    note: str = ""  # e.g. why pids_max is lower than asked
 
     def describe(self) -> str:
         pids = f"pids_max {self.pids_max} by {self.pids_mechanism}" if self.pids_max else "PIDs uncapped"
@@ -73,7 +76,8 @@ class Limits:
         memory = f"memory_max {self.memory_max // (1 << 20)} MB by {self.memory_mechanism}" \
             if self.memory_max else "memory uncapped"
         tmpfs = f"; writable layer and tmpfs {self.tmpfs_size // (1 << 20)} MB" if self.tmpfs_size else ""
-        return f"{pids}; {memory}{tmpfs}"
+        note = f" ({self.note})" if self.note else ""
+        return f"{pids}{note}; {memory}{tmpfs}"
 
 
 @dataclass(frozen=True)
@@ -255,7 +259,9 @@ class Sandbox:
             "tmpfs_size": self.settings.tmpfs_size,
             "seccomp": self.settings.seccomp,
         }
-        sock, pidfd, info = Spawner.get().create(spec)
+        __tracebackhide__ = True
+        self._spawner = Spawner.get()
+        sock, pidfd, info = self._spawner.create(spec)
         self._pidfd, self.init_pid = pidfd, info["init"]
         # If the owner forgets close(), dropping the last reference still ends the sandbox.
         self._finalizer = weakref.finalize(self, _end, sock, pidfd)
@@ -279,14 +285,23 @@ class Sandbox:
         return self
 
     def _await_ready(self, channel: _Channel) -> None:
-        event = channel.next_event(timeout=30.0)
+        __tracebackhide__ = True
+        event = channel.next_event(timeout=_ANSWER_TIMEOUT)
         if event is None:
-            raise SandboxSetupError("the sandbox did not start within 30 s (or died silently)")
+            raise SandboxSetupError(f"the sandbox did not start: {self._why_dead()}" if channel.eof else
+                                    f"the sandbox's init (pid {self.init_pid}) did not report within "
+                                    f"{_ANSWER_TIMEOUT:g} s{_stopped(self.init_pid)}")
         if event["op"] == "error":
             error = SandboxUnavailable if event.get("unavailable") else SandboxSetupError
             raise error(f"cannot create a sandbox over {self.rootfs.tree if self.rootfs else '?'}: "
                         f"{event['message']}")
         self.namespaces = event["namespaces"]
+        cap = event.get("pids_max")
+        if self.limits is not None and cap != self.limits.pids_max:
+            # The owner's hard RLIMIT_NPROC (ulimit -u) is below pids_max: no process may raise it.
+            self.limits = replace(self.limits, pids_max=cap, note=f"pids_max {self.settings.pids_max} "
+                                  f"clamped to {cap}, the hard RLIMIT_NPROC (ulimit -Hu) of this process")
+            warnings.warn(f"nsbox: {self.limits.note}", NsboxWarning, stacklevel=3)
 
     def close(self) -> None:
         """End the sandbox: every process in it is killed and every mount is gone on return."""
@@ -314,28 +329,42 @@ class Sandbox:
         return self._channel is None
 
     def _live_channel(self) -> _Channel:
+        __tracebackhide__ = True
         if self._channel is None:
             raise SandboxClosed("this sandbox is not started or already closed")
         if self._deadline is not None and time.monotonic() >= self._deadline:
             self._channel.expired = True  # init is killing everything now, if it has not yet
         if self._channel.expired:
-            raise SandboxClosed(f"this sandbox's lifetime of {self.settings.timeout} s expired; "
+            raise SandboxClosed(f"this sandbox's lifetime of {self.settings.timeout:g} s expired; "
                                 "its processes were killed")
         if self._channel.eof:
-            raise SandboxClosed("this sandbox died (its init was killed)")
+            raise SandboxClosed(f"this sandbox died: {self._why_dead()}")
         return self._channel
+
+    def _why_dead(self) -> str:
+        """What ended a sandbox that nobody closed: its spawner's death, or its init's."""
+        spawner = getattr(self, "_spawner", None)
+        if spawner is not None and spawner.process.poll() is not None:
+            code = spawner.process.returncode
+            how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+            return f"its spawner (pid {spawner.process.pid}) died ({how}), and with it every sandbox it made"
+        return (f"its init (pid {self.init_pid}) was killed from outside the sandbox "
+                "(nothing inside may signal it)")
 
     # -- commands ---------------------------------------------------------------------------
     def spawn(self, args: Command, *, stdin: Any = None, stdout: Any = None, stderr: Any = None,
               env: Mapping[str, str] | None = None, cwd: str | None = None,
-              text: bool = True) -> SandboxProcess:
+              text: bool = True, shell: bool | None = None) -> SandboxProcess:
         """Start a command and return at once, like `subprocess.Popen`.
 
         stdin/stdout/stderr take None (stdin: /dev/null; stdout/stderr: this process's own, so
-        pytest captures them), PIPE, DEVNULL, STDOUT (stderr only), a file object or an fd.
+        pytest captures them), PIPE, DEVNULL, STDOUT (stderr only), a file object or an fd.  A str
+        runs through `/bin/sh -c` unless `shell=False`; `shell=True` with a list runs its first item
+        through the shell with the rest as arguments, as in `subprocess`.
         """
+        __tracebackhide__ = True
         channel = self._live_channel()
-        argv = _argv(args)
+        argv = _argv(args, shell)
         streams = _Streams.make(stdin, stdout, stderr)
         request_id = channel.next_id()
         message = {"op": "exec", "id": request_id, "argv": argv, "env": self._env(env),
@@ -344,12 +373,13 @@ class Sandbox:
             channel.send(message, streams.child_fds)
         finally:
             streams.close_child_ends()
-        channel.wait_for(lambda: request_id in channel.replies or channel.eof, None)
+        channel.wait_for(lambda: request_id in channel.replies or channel.eof, _ANSWER_TIMEOUT)
         reply = channel.replies.pop(request_id, None)
         if reply is None:
             streams.close_parent_ends()
-            self._live_channel()
-            raise SandboxClosed("the sandbox died while starting a command")
+            self._live_channel()  # raises SandboxClosed if the sandbox died meanwhile
+            raise SandboxSetupError(f"the sandbox's init (pid {self.init_pid}) did not answer within "
+                                    f"{_ANSWER_TIMEOUT:g} s{_stopped(self.init_pid)}")
         if reply["op"] == "failed":
             streams.close_parent_ends()
             if reply.get("expired"):
@@ -364,19 +394,24 @@ class Sandbox:
 
     def run(self, args: Command, *, input: str | bytes | None = None,
             env: Mapping[str, str] | None = None, cwd: str | None = None,
-            timeout: float | None = None, check: bool = False,
-            text: bool = True, output_max: int | str | None = _UNSET) -> subprocess.CompletedProcess:
+            timeout: float | None = None, check: bool = False, text: bool = True,
+            capture_output: bool = True, shell: bool | None = None,
+            output_max: int | str | None = _UNSET) -> subprocess.CompletedProcess:
         """Run a command to completion, like `subprocess.run(..., capture_output=True)`.
 
-        A `str` runs through `/bin/sh -c`.  On timeout every process the command started is killed
-        and `subprocess.TimeoutExpired` raised; `check=True` raises `CalledProcessError`.  Of each
-        of stdout and stderr, the first `output_max` bytes are kept (default: the sandbox's
-        setting, 64 MiB); the rest is read and dropped, and a line saying how much ends the text.
+        A `str` runs through `/bin/sh -c` (see `spawn` for `shell`).  On timeout every process the
+        command started is killed and `subprocess.TimeoutExpired` raised; `check=True` raises
+        `CalledProcessError`.  Of each of stdout and stderr, the first `output_max` bytes are kept
+        (default: the sandbox's setting, 64 MiB); the rest is read and dropped, and a line saying
+        how much ends the text.  `capture_output=False` leaves them to this process's own.
         """
+        __tracebackhide__ = True
         limit = self.settings.output_max if output_max is _UNSET else _output_max(output_max)
+        _check_timeout(timeout)
         before = self._cgroup.stats() if self._cgroup else {}
-        process = self.spawn(args, stdin=PIPE if input is not None else None, stdout=PIPE,
-                             stderr=PIPE, env=env, cwd=cwd, text=text)
+        captured = PIPE if capture_output else None
+        process = self.spawn(args, stdin=PIPE if input is not None else None, stdout=captured,
+                             stderr=captured, env=env, cwd=cwd, text=text, shell=shell)
         effective = self._effective_timeout(timeout)
         try:
             stdout, stderr = process._communicate(input, effective, limit)
@@ -388,6 +423,8 @@ class Sandbox:
         finally:
             self._processes.remove(process)
             process._close_pipes()
+        if process._ended_with_sandbox:
+            raise SandboxClosed(f"the sandbox died while {_shell_form(args)!r} ran: {self._why_dead()}")
         self._note_exit(process, before, None, process._record.stderr_tail)
         result = subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
         if check:
@@ -430,19 +467,32 @@ class Sandbox:
         bad = [k for k, v in env.items() if not isinstance(k, str) or not isinstance(v, str) or "=" in k]
         if bad:
             raise ConfigError(f"environment names must be str without '=' and values str: {bad!r}")
+        if any("\0" in k or "\0" in v for k, v in env.items()):
+            raise ValueError("embedded null byte")  # as subprocess says
         return env
 
     # -- files ------------------------------------------------------------------------------
     def write_file(self, path: str, data: str | bytes, mode: int | None = None) -> None:
-        """Write a file inside the sandbox (in its writable layer), creating or replacing it."""
-        script = 'cat > "$1"' + (' && chmod "$2" "$1"' if mode is not None else "")
+        """Write a file inside the sandbox (in its writable layer), creating or replacing it.
+
+        Raises FileNotFoundError if its directory does not exist, IsADirectoryError if `path` is a
+        directory, as open() would.
+        """
+        __tracebackhide__ = True
+        script = ('[ -d "$1" ] && { echo EISDIR >&2; exit 1; }; '
+                  '[ -d "$(dirname -- "$1")" ] || { echo ENOENT >&2; exit 1; }; cat > "$1"'
+                  + (' && chmod "$2" "$1"' if mode is not None else ""))
         args = ["/bin/sh", "-c", script, "nsbox-write", path] + ([f"{mode:o}"] if mode is not None else [])
         result = self.run(args, input=data, text=isinstance(data, str))
         if result.returncode != 0:
             raise _file_error("write", path, result.stderr)
 
     def read_file(self, path: str, text: bool = True) -> str | bytes:
-        result = self.run(["/bin/cat", "--", path], text=text)
+        """A file's contents; FileNotFoundError or IsADirectoryError as open() would raise."""
+        __tracebackhide__ = True
+        script = ('[ -d "$1" ] && { echo EISDIR >&2; exit 1; }; '
+                  '[ -e "$1" ] || { echo ENOENT >&2; exit 1; }; exec cat -- "$1"')
+        result = self.run(["/bin/sh", "-c", script, "nsbox-read", path], text=text)
         if result.returncode != 0:
             raise _file_error("read", path, result.stderr)
         return result.stdout
@@ -465,6 +515,7 @@ class SandboxProcess:
         self.args = args
         self.pid = pid
         self.returncode: int | None = None
+        self._ended_with_sandbox = False
         self._channel = channel
         self._text = text
         self._record = record
@@ -480,6 +531,7 @@ class SandboxProcess:
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
+        __tracebackhide__ = True
         if self.returncode is None:
             self._channel.wait_for(lambda: self.pid in self._channel.exits or self._channel.eof, timeout)
             if not self._collect():
@@ -492,7 +544,8 @@ class SandboxProcess:
         if self.pid in exits:
             self._set_returncode(exits.pop(self.pid))
         elif self._channel.eof:
-            self._set_returncode(-9)  # the whole sandbox went away
+            self._ended_with_sandbox = True  # no exit status: the whole sandbox went away
+            self._set_returncode(-9)
         return self.returncode is not None
 
     def _set_returncode(self, code: int) -> None:
@@ -519,10 +572,12 @@ class SandboxProcess:
         in the background still hold them open (their later output is not collected).  Keeps at
         most the sandbox's `output_max` bytes of each stream, like `Sandbox.run`.
         """
+        __tracebackhide__ = True
         return self._communicate(input, timeout, self.sandbox.settings.output_max)
 
     def _communicate(self, input: str | bytes | None, timeout: float | None,
                      limit: int | None) -> tuple[Any, Any]:
+        __tracebackhide__ = True
         deadline = None if timeout is None else time.monotonic() + timeout
         captures = {"stdout": _Capture("stdout", limit), "stderr": _Capture("stderr", limit)}
         poller = select.poll()
@@ -687,13 +742,40 @@ class _Streams:
         return open(fd, mode + "b", buffering=0)
 
 
-def _argv(args: Command) -> list[str]:
-    if isinstance(args, str):
-        return ["/bin/sh", "-c", args]
-    argv = [os.fspath(a) for a in args]
-    if not argv or not all(isinstance(a, str) for a in argv):
-        raise ConfigError(f"a command is a str (run by /bin/sh -c) or a non-empty list of str, not {args!r}")
+def _argv(args: Command, shell: bool | None = None) -> list[str]:
+    """argv for `args`: a str through /bin/sh -c (unless shell=False); with shell=True a list's
+    first item goes to the shell and the rest are its arguments, as in subprocess."""
+    if isinstance(args, (str, os.PathLike)):
+        argv = [os.fspath(args)]
+    else:
+        argv = [os.fspath(a) for a in args]
+        if not argv or not all(isinstance(a, str) for a in argv):
+            raise ConfigError(f"a command is a str (run by /bin/sh -c) or a non-empty list of str, not {args!r}")
+    if any("\0" in a for a in argv):
+        raise ValueError("embedded null byte")  # as subprocess says
+    if shell or (shell is None and isinstance(args, str)):
+        return ["/bin/sh", "-c", *argv]
     return argv
+
+
+def _check_timeout(timeout: object) -> None:
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))):
+        raise ConfigError(f"run(timeout={timeout!r}): a timeout is a number of seconds (int or float), or None")
+
+
+def _stopped(pid: int | None) -> str:
+    """': it is stopped (...)' when a process that should answer is stopped, else ''."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+    return f": it is stopped (SIGSTOP?); `kill -CONT {pid}` resumes it" if state in ("T", "t") else ""
+
+
+def _shell_form(args: Command) -> str:
+    import shlex
+    return args if isinstance(args, str) else shlex.join(os.fspath(a) for a in args)
 
 
 def _exec_error(code: int, text: str, argv: list[str]) -> OSError:
@@ -704,9 +786,15 @@ def _exec_error(code: int, text: str, argv: list[str]) -> OSError:
 
 
 def _file_error(verb: str, path: str, stderr: str | bytes) -> OSError:
-    message = stderr.decode(errors="replace") if isinstance(stderr, bytes) else stderr
-    code = errno.ENOENT if "No such file" in message else errno.EIO
-    return OSError(code, f"cannot {verb} {path} in the sandbox: {message.strip()}", path)
+    message = (stderr.decode(errors="replace") if isinstance(stderr, bytes) else stderr).strip()
+    known = {"EISDIR": errno.EISDIR, "ENOENT": errno.ENOENT}
+    if message in known:
+        code = known[message]
+        what = "is a directory" if code == errno.EISDIR else \
+            ("does not exist" if verb == "read" else "is in a directory that does not exist")
+        return OSError(code, f"cannot {verb} {path} in the sandbox: it {what}", path)
+    code = errno.EACCES if "denied" in message else errno.EIO
+    return OSError(code, f"cannot {verb} {path} in the sandbox: {message}", path)
 
 
 class _Capture:

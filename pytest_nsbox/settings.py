@@ -22,6 +22,9 @@ from .errors import ConfigError
 DEFAULT_PIDS_MAX = 512
 #: Below this a sandbox's own /dev and /run cannot even be made.
 MIN_TMPFS_SIZE = 1 << 20
+#: Below this a sandbox's init (a Python process) and a shell do not fit: they would be OOM-killed
+#: (cgroup) or unable to map their libraries (RLIMIT_AS).
+MIN_MEMORY_MAX = 16 << 20
 #: What `run()` keeps of each of stdout and stderr; the rest is read and dropped, with a marker.
 DEFAULT_OUTPUT_MAX = 64 << 20
 
@@ -117,6 +120,11 @@ class SandboxSettings:
             object.__setattr__(self, "memory_max", parse_size(self.memory_max))
         except ValueError as exc:
             raise ConfigError(_bad("memory_max", self.memory_max, f"bytes or a size such as '256M' ({exc})")) from None
+        if self.memory_max is not None and self.memory_max < MIN_MEMORY_MAX:
+            raise ConfigError(_bad("memory_max", self.memory_max,
+                                   f"at least {MIN_MEMORY_MAX >> 20}M, what the sandbox's init and a shell "
+                                   "need; a bare number is bytes (did you mean "
+                                   f"'{self.memory_max}M'?)"))
         if self.timeout is not None and (isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float))
                                          or not self.timeout > 0 or math.isinf(self.timeout)):
             raise ConfigError(_bad("timeout", self.timeout, "a positive number of seconds or None"))
