@@ -33,6 +33,10 @@ if TYPE_CHECKING:
     from typing import Any
 
 PARENT_NAME = "nsbox"
+#: Per-sandbox cgroups are `<prefix>-<owner pid>-<random>`: the spawner's, and isolate mode's (whose
+#: owner is the pytest process).
+SPAWNER_PREFIX = "nsbox"
+TEST_PREFIX = "nsbox-test"
 # Set by the test process for the spawner (see systemd.py): the scope it was started in, or why a
 # scope was wanted but could not be had.
 SCOPE_UNIT_ENV = "NSBOX_SCOPE_UNIT"
@@ -250,10 +254,10 @@ class SandboxCgroup:
 
     @classmethod
     def create(cls, plan: CapPlan, owner_pid: int, pids_max: int | None,
-               memory_max: int | None) -> SandboxCgroup | None:
+               memory_max: int | None, prefix: str = SPAWNER_PREFIX) -> SandboxCgroup | None:
         if plan.mechanism not in ("cgroup1", "cgroup2"):
             return None
-        name = f"nsbox-{owner_pid}-{os.urandom(6).hex()}"
+        name = f"{prefix}-{owner_pid}-{os.urandom(6).hex()}"
         # A memory cgroup only when memory is capped: removing one costs milliseconds (memcg
         # offlining), which every sandbox would otherwise pay on close.
         dirs = {controller: os.path.join(parent, name) for controller, parent in plan.parents.items()
@@ -375,8 +379,8 @@ def sweep_stale(plan: CapPlan) -> list[str]:
         except OSError:
             continue
         for name in names:
-            owner = _owner_pid(name)
-            if owner is not None and not _is_spawner(owner):
+            owner = _owner(name)
+            if owner is not None and not _owner_alive(*owner):
                 try:
                     destroy_dirs([os.path.join(parent, name)], version)
                     removed.append(os.path.join(parent, name))
@@ -385,20 +389,25 @@ def sweep_stale(plan: CapPlan) -> list[str]:
     return removed
 
 
-def _owner_pid(name: str) -> int | None:
-    """The spawner PID in a cgroup name `nsbox-<pid>-<hex>`, or None for any other name."""
-    parts = name.split("-")
-    if len(parts) == 3 and parts[0] == "nsbox" and parts[1].isdigit() and parts[2] and \
-            all(c in "0123456789abcdef" for c in parts[2]):
-        return int(parts[1])
+def _owner(name: str) -> tuple[int, str] | None:
+    """(owner PID, prefix) of a cgroup named `<prefix>-<pid>-<hex>` by us, or None for any other."""
+    prefix, _, rest = name.rpartition("-")
+    prefix, _, pid = prefix.rpartition("-")
+    if prefix in (SPAWNER_PREFIX, TEST_PREFIX) and pid.isdigit() and rest and \
+            all(c in "0123456789abcdef" for c in rest):
+        return int(pid), prefix
     return None
 
 
-def _is_spawner(pid: int) -> bool:
-    """A live spawner (a zombie keeps its name, but will clean up nothing)."""
+def _owner_alive(pid: int, prefix: str) -> bool:
+    """The process that made a cgroup is alive (a zombie will clean up nothing): a spawner, by its
+    name, or for an isolated test's cgroup the pytest process (no name to check: a reused PID then
+    keeps an empty cgroup until that process exits)."""
     stat = _read(f"/proc/{pid}/stat")
     state = stat.rsplit(")", 1)[1].split()[0] if ")" in stat else "Z"
-    return state != "Z" and _read(f"/proc/{pid}/comm").strip() == "nsbox-spawner"
+    if state == "Z":
+        return False
+    return prefix == TEST_PREFIX or _read(f"/proc/{pid}/comm").strip() == "nsbox-spawner"
 
 
 def _int(text: str) -> int:
@@ -412,3 +421,27 @@ def _keyed(text: str, key: str) -> int:
         if len(parts) == 2 and parts[0] == key and parts[1].isdigit():
             return int(parts[1])
     return 0
+
+
+# -- the tmpfs budget ------------------------------------------------------------------------------
+#: Without a memory cap a sandbox's files get this much, or an eighth of the RAM if less.
+DEFAULT_TMPFS_SIZE = 1 << 30
+MIN_TMPFS_SIZE = 1 << 20  # settings.MIN_TMPFS_SIZE; settings is not loaded here (dataclasses)
+
+
+def default_tmpfs_size() -> int:
+    """1 GiB, or an eighth of the RAM if less, in whole MiB (what tmpfs would round it to anyway)."""
+    for line in _read("/proc/meminfo").splitlines():
+        if line.startswith("MemTotal:"):
+            return min(DEFAULT_TMPFS_SIZE, (int(line.split()[1]) * 1024 // 8) >> 20 << 20)
+    return DEFAULT_TMPFS_SIZE
+
+
+def tmpfs_size(explicit: int | None, memory_max: int | None, default: int) -> int:
+    """A sandbox's tmpfs budget: as asked, else half of memory_max — so that files filling it end
+    in ENOSPC, leaving the processes room, rather than in an out-of-memory kill — else `default`."""
+    if explicit:
+        return explicit
+    if memory_max:
+        return max(MIN_TMPFS_SIZE, min(default, memory_max // 2))
+    return default

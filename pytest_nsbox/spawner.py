@@ -33,9 +33,6 @@ if TYPE_CHECKING:
 
 SANDBOX_FLAGS = (kernel.CLONE_NEWUSER | kernel.CLONE_NEWNS | kernel.CLONE_NEWPID | kernel.CLONE_NEWIPC
                  | kernel.CLONE_NEWUTS)
-#: Without a memory cap the sandbox's tmpfs gets this much, or an eighth of the RAM if less.
-DEFAULT_TMPFS_SIZE = 1 << 30
-MIN_TMPFS_SIZE = 1 << 20  # settings.MIN_TMPFS_SIZE; settings is not loaded here (dataclasses)
 
 
 def namespace_flags(network: str) -> int:
@@ -54,7 +51,7 @@ class Spawner:
                          "protect_proc": caps.is_global_root(),
                          "mechanism": self.plan.mechanism,
                          "memory_mechanism": self.plan.memory_mechanism}
-        self.default_tmpfs = min(DEFAULT_TMPFS_SIZE, _memory_total() // 8)
+        self.default_tmpfs = caps.default_tmpfs_size()
         self.seccomp_program = _seccomp_program()
         self.inits: dict[int, caps.SandboxCgroup | None] = {}  # pid -> its sandbox's cgroup
         # Sandboxes prebuilt for the spec last asked for: per-test sandboxes tend to repeat their
@@ -127,7 +124,7 @@ class Spawner:
         # are SIGKILLed, the next session's sweep) removes it.
         cgroup = caps.SandboxCgroup.create(self.plan, os.getpid(), spec.get("pids_max"),
                                            spec.get("memory_max"))
-        size = tmpfs_size(spec.get("tmpfs_size"), spec.get("memory_max"), self.default_tmpfs)
+        size = caps.tmpfs_size(spec.get("tmpfs_size"), spec.get("memory_max"), self.default_tmpfs)
         child_spec = {**spec, **self.identity, "tmpfs_size": size}
         if spec.get("seccomp", True):
             if isinstance(self.seccomp_program, str):
@@ -228,16 +225,6 @@ class Spawner:
                 pass  # the next session's sweep retries
 
 
-def tmpfs_size(explicit: int | None, memory_max: int | None, default: int) -> int:
-    """The sandbox's tmpfs budget: as asked, else half of memory_max — so that files filling it end
-    in ENOSPC, leaving the processes room, rather than in an out-of-memory kill — else `default`."""
-    if explicit:
-        return explicit
-    if memory_max:
-        return max(MIN_TMPFS_SIZE, min(default, memory_max // 2))
-    return default
-
-
 def prefork_depth(environ: dict[str, str] | None = None) -> int:
     """How many spares to keep: NSBOX_PREFORK, else the CPUs this process may use shared out
     between pytest-xdist's workers, at most two (more spares than cores only steal the test's CPU)."""
@@ -256,13 +243,6 @@ def _seccomp_program() -> bytes | str:
         return seccomp.program()
     except OSError as exc:
         return f"{exc}; pass seccomp=False to make sandboxes without the syscall filter"
-
-
-def _memory_total() -> int:
-    for line in kernel.read_text("/proc/meminfo").splitlines():
-        if line.startswith("MemTotal:"):
-            return int(line.split()[1]) * 1024
-    return 8 << 30
 
 
 def _kill_init(pidfd: int) -> None:
