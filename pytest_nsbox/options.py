@@ -59,15 +59,23 @@ OPTIONS = (
     Option("require_caps", "fail sandboxed tests where PIDs cannot be capped"),
     Option("unavailable", "what sandboxed tests do where this machine cannot make sandboxes: "
            "fail (default) or skip", "MODE", UNAVAILABLE_CHOICES),
+    Option("isolate", "run every test in a sandbox of its own (docs/isolate.md)"),
+    Option("isolate_writable", "a path isolated tests may write, besides pytest's basetemp "
+           "(repeatable; ini: one per line; env: separated by ':')", "PATH"),
 )
 _BY_NAME = {option.name: option for option in OPTIONS}
+_LISTS = ("isolate_writable",)
 
 
 def add_options(parser: pytest.Parser) -> None:
     group = parser.getgroup("nsbox", "hermetic Linux sandboxes (pytest-nsbox)")
     for option in OPTIONS:
         where = f" (ini {option.dest}, env {option.env})"
-        if option.metavar is None:
+        if option.name in _LISTS:
+            group.addoption(option.flag, dest=option.dest, metavar=option.metavar, action="append",
+                            default=None, help=option.help + where)
+            parser.addini(option.dest, option.help, type="paths", default=[])
+        elif option.metavar is None:
             group.addoption(option.flag, dest=option.dest, action="store_true", default=None,
                             help=option.help + where)
             parser.addini(option.dest, option.help + " (true/false)", default=None)
@@ -106,6 +114,18 @@ class _Reader:
         assert self.config.inipath is not None
         return os.path.normpath(os.path.join(os.path.dirname(self.config.inipath), value))
 
+    def paths(self, name: str) -> tuple[str, ...]:
+        """A list of paths: every --flag given, else the environment's (':'-separated), else the
+        ini file's lines (pytest resolves those against the ini file)."""
+        option = _BY_NAME[name]
+        given = self.config.getoption(option.dest)
+        if given:
+            return tuple(os.path.abspath(os.path.expanduser(p)) for p in given)
+        env = os.environ.get(option.env)
+        if env:
+            return tuple(os.path.abspath(os.path.expanduser(p)) for p in env.split(os.pathsep) if p)
+        return tuple(str(p) for p in self.config.getini(option.dest))
+
     def flag(self, name: str) -> bool:
         value, where = self.get(name)
         if value is None:
@@ -131,6 +151,8 @@ class RunOptions(NamedTuple):
     memory_max: int | None
     timeout: float | None
     require_caps: bool
+    isolate: bool
+    isolate_writable: tuple[str, ...]
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> RunOptions:
@@ -147,7 +169,9 @@ class RunOptions(NamedTuple):
                    pids_max=_pids_max(*read.get("pids_max")),
                    memory_max=_size(*read.get("memory_max")),
                    timeout=_seconds(*read.get("timeout")),
-                   require_caps=read.flag("require_caps"))
+                   require_caps=read.flag("require_caps"),
+                   isolate=read.flag("isolate"),
+                   isolate_writable=read.paths("isolate_writable"))
 
     def defaults(self) -> SandboxSettings:
         try:

@@ -11,13 +11,14 @@ closest to the test winning keyword by keyword (function, then class, then modul
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from .errors import NsboxError, SandboxUnavailable
+from .errors import ConfigError, NsboxError, SandboxUnavailable
 from .options import RunOptions, add_options, human_size
 from .settings import SandboxSettings
 
@@ -25,14 +26,16 @@ if TYPE_CHECKING:
     from .rootfs import RootfsStore
     from .sandbox import Sandbox
 
-MARKER_HELP = ("sandbox(**settings): configure this test's `sandbox` and `sandbox_factory` fixtures "
-               "with the keywords of pytest_nsbox.Sandbox: " + ", ".join(SandboxSettings.keys()))
+MARKER_HELP = ("sandbox(isolate=False, **settings): configure this test's `sandbox` and "
+               "`sandbox_factory` fixtures with the keywords of pytest_nsbox.Sandbox ("
+               + ", ".join(SandboxSettings.keys()) + "); isolate=True runs the test itself in a sandbox")
 #: A test that takes one of these makes sandboxes.
 SANDBOX_FIXTURES = ("sandbox", "sandbox_factory", "nsbox_defaults")
 
 _OPTIONS = pytest.StashKey[RunOptions]()
 _STORE = pytest.StashKey["RootfsStore"]()
 _SANDBOXES = pytest.StashKey[list["Sandbox"]]()
+_ISOLATING = pytest.StashKey[bool]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -42,6 +45,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", MARKER_HELP)
     options = config.stash[_OPTIONS] = RunOptions.from_config(config)
+    debugger = [flag for flag, dest in (("--pdb", "usepdb"), ("--trace", "trace")) if config.getoption(dest, False)]
+    if options.isolate and debugger:
+        raise pytest.UsageError(f"--nsbox-isolate runs each test in a sandboxed copy of pytest, where "
+                                f"{debugger[0]} cannot reach your terminal: drop --nsbox-isolate to debug")
     # A bad run-wide setting is a usage error now, not in every test.
     options.defaults()
     from .alpine import mirror_url
@@ -68,7 +75,8 @@ def _store(config: pytest.Config) -> RootfsStore:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        if item.get_closest_marker("sandbox") is not None and not _makes_sandboxes(item):
+        if item.get_closest_marker("sandbox") is not None and not _makes_sandboxes(item) \
+                and not _isolated(item):
             item.warn(pytest.PytestWarning(
                 f"{item.nodeid} is marked @pytest.mark.sandbox but takes neither the `sandbox` nor the "
                 "`sandbox_factory` fixture: the marker configures nothing, and the test runs on the "
@@ -152,15 +160,86 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     return report
 
 
-def marker_settings(item: pytest.Item) -> dict[str, Any]:
-    """The keywords of every `sandbox` marker on the test, the closest winning keyword by keyword."""
+def marker_keywords(item: pytest.Item) -> dict[str, Any]:
+    """The keywords of every `sandbox` marker on the test, the closest winning keyword by keyword;
+    raises NsboxError (ConfigError) on positional arguments."""
     merged: dict[str, Any] = {}
     for marker in reversed(list(item.iter_markers("sandbox"))):
         if marker.args:
-            pytest.fail(f"{item.nodeid}: @pytest.mark.sandbox takes keywords only, got {marker.args!r}; "
-                        f"allowed: {', '.join(SandboxSettings.keys())}", pytrace=False)
+            raise ConfigError(f"{item.nodeid}: @pytest.mark.sandbox takes keywords only, got "
+                              f"{marker.args!r}; allowed: isolate, {', '.join(SandboxSettings.keys())}")
         merged.update(marker.kwargs)
     return merged
+
+
+def marker_settings(item: pytest.Item) -> dict[str, Any]:
+    """The marker keywords that configure the test's sandboxes (all but `isolate`)."""
+    try:
+        merged = marker_keywords(item)
+    except NsboxError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    merged.pop("isolate", None)
+    return merged
+
+
+def _isolated(item: pytest.Item) -> bool:
+    try:
+        keywords = marker_keywords(item)
+    except NsboxError:
+        return False
+    return bool(keywords.get("isolate", item.config.stash[_OPTIONS].isolate))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> bool | None:
+    """Isolated tests run their call in a sandbox (isolate.py); others run as pytest runs them."""
+    if not _isolated(item):
+        return None
+    config = item.config
+    if config.getoption("usepdb", False) or config.getoption("trace", False):
+        # Only marked tests get here (run-wide isolation refuses --pdb): they run unisolated.
+        item.warn(pytest.PytestWarning(f"{item.nodeid} runs without isolation under --pdb/--trace"))
+        return None
+    from .isolate import Isolation, must_see, run_protocol
+    config.stash[_ISOLATING] = True
+    options = config.stash[_OPTIONS]
+    try:
+        keywords = marker_keywords(item)
+        keywords.pop("isolate", None)
+        settings = SandboxSettings.from_kwargs({"network": "host", **keywords}, defaults=options.defaults(),
+                                               source=item.nodeid)
+    except NsboxError as exc:
+        return run_protocol(item, nextitem, Isolation(None, (), (), f"nsbox: {exc}"))
+    writable = (str(config._tmp_path_factory.getbasetemp()), *options.isolate_writable)  # type: ignore[attr-defined]
+    visible = must_see(config)
+    if _makes_sandboxes(item):
+        # The rootfs store is read-only inside: fetch and extract the test's rootfs out here, once.
+        spec = settings.rootfs or options.rootfs
+        try:
+            _store(config).resolve(spec)
+        except NsboxError:
+            pass  # the fixture, inside, reports it
+        visible += (str(_store(config).cache_dir),)
+        if isinstance(spec, (str, os.PathLike)) and os.path.exists(spec):
+            visible += (os.path.abspath(spec),)  # a local tarball: the store checks it is still there
+    return run_protocol(item, nextitem, Isolation(settings, writable, visible))
+
+
+@pytest.hookimpl(wrapper=True, trylast=True)
+def pytest_runtestloop(session: pytest.Session) -> Iterator[Any]:
+    # Inner to pytest-cov's wrapper: the isolated tests' coverage is merged before it saves.
+    try:
+        return (yield)
+    finally:
+        if session.config.stash.get(_ISOLATING, False):
+            from .isolate import flush_coverage
+            flush_coverage(session.config)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if config.stash.get(_ISOLATING, False):
+        from .isolate import finish
+        finish(config)
 
 
 class SandboxFactory:

@@ -1,0 +1,138 @@
+"""Confining a copy of the test process: isolate mode's sandbox, built around pytest itself.
+
+A `Sandbox` runs commands over a root filesystem of its own.  Isolate mode runs a test's own Python
+code, so the sandbox is built around a copy of the pytest process instead: `fork()` clones it into
+new user, mount, PID, IPC, UTS and cgroup namespaces (and a network namespace with
+network="none"), and `confine()`, in that child, makes what it sees:
+
+- the host's filesystem, every mount read-only, but the paths it may write (`writable`: pytest's
+  basetemp, and what the user lists), bound back writable;
+- a private, sized /tmp and /dev/shm (the writable paths below them bound back in), a fresh /proc;
+- the user's own uid and gid: tests that check os.getuid() or file owners see no change;
+- the PID cap (RLIMIT_NPROC in this user namespace, or the cgroup the parent made), no_new_privs,
+  the syscall filter, a fresh session keyring.
+
+The child is PID 1 of its PID namespace: when it exits, the kernel kills everything the test
+started.  Being PID 1, it adopts the test's orphans, and a signal it sends itself whose action is
+the default one is ignored (see docs/isolate.md).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import resource
+import select
+import signal
+import stat
+
+from . import kernel, layout, seccomp
+from .kernel import MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_PRIVATE, MS_REC
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+FLAGS = (kernel.CLONE_NEWUSER | kernel.CLONE_NEWNS | kernel.CLONE_NEWPID | kernel.CLONE_NEWIPC
+         | kernel.CLONE_NEWUTS)
+PRIVATE_PLACES = ("/tmp", "/dev/shm")
+
+
+def fork(network: str, cgroup_fd: int = -1) -> tuple[int, int]:
+    """The test process, cloned into its own namespaces: (pid, pidfd), or (0, -1) in the child."""
+    flags = FLAGS | (kernel.CLONE_NEWNET if network == "none" else 0)
+    return kernel.fork_into(flags, cgroup_fd, what="fork the test into its sandbox")
+
+
+def die_with(parent_pidfd: int) -> None:
+    """In the child: die if the test process does (SIGKILL included); and if it died already, now."""
+    kernel.set_parent_death_signal(signal.SIGKILL)
+    if select.select([parent_pidfd], [], [], 0)[0]:
+        os._exit(1)
+
+
+def confine(uid: int, gid: int, writable: Sequence[str], visible: Sequence[str], network: str,
+            tmpfs_size: int, pids_max: int | None, rlimit_pids: bool, memory_max: int | None,
+            rlimit_memory: bool, filter_syscalls: bool) -> None:
+    """In the child fork() made: build its sandbox.  Raises KernelError naming the failed step.
+
+    `visible` are paths the test must still see, read-only, if they lie under the private /tmp or
+    /dev/shm: the project, the interpreter, sys.path (a checkout or a venv in /tmp is common).
+    """
+    kernel.write_id_maps(uid, gid, inner_uid=uid, inner_gid=gid)
+    kernel.unshare(kernel.CLONE_NEWCGROUP)  # rooted at the test's cgroup (the parent placed us)
+    kernel.mount(None, "/", None, MS_REC | MS_PRIVATE, operation="make mounts private")
+    holes = _take(writable)
+    kernel.make_tree_read_only("/")
+    holes += _take(_hidden(visible, [path for path, _fd in holes]))  # read-only clones now
+    inodes = max(4096, tmpfs_size // 4096)
+    for place in PRIVATE_PLACES:
+        if os.path.isdir(place):
+            kernel.mount("tmpfs", place, "tmpfs", MS_NOSUID | MS_NODEV,
+                         f"mode=1777,size={tmpfs_size},nr_inodes={inodes}", operation=f"mount a private {place}")
+    kernel.mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, operation="mount /proc")
+    # Outer paths first: a writable basetemp inside a read-only project stays on top of it.
+    for path, fd in sorted(holes, key=lambda hole: hole[0].count("/")):
+        try:
+            _make_mount_point(path, stat.S_ISDIR(os.fstat(fd).st_mode))
+            kernel.attach_mount(fd, path, path)
+        finally:
+            os.close(fd)
+    if network == "none":
+        layout.bring_up_loopback()
+    kernel.join_new_session_keyring()
+    if pids_max and rlimit_pids:
+        # Counted per user namespace (Linux >= 5.14): the test's processes, not the user's.
+        hard = resource.getrlimit(resource.RLIMIT_NPROC)[1]
+        cap = pids_max if hard == resource.RLIM_INFINITY else min(pids_max, hard)
+        resource.setrlimit(resource.RLIMIT_NPROC, (cap, cap))
+    if memory_max and rlimit_memory:
+        # The test process is a copy of pytest, already this big: the cap is on what it adds.
+        limit = _address_space() + memory_max
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    if filter_syscalls:
+        seccomp.install()
+    else:
+        kernel.set_no_new_privs()
+
+
+def _take(paths: Sequence[str]) -> list[tuple[str, int]]:
+    """Writable clones of the paths that exist, taken before the tree is made read-only."""
+    holes = []
+    for path in dict.fromkeys(os.path.realpath(p) for p in paths):
+        if os.path.exists(path):
+            holes.append((path, kernel.clone_mount(path, recursive=True)))
+    return holes
+
+
+def _hidden(paths: Sequence[str], writable: Sequence[str]) -> list[str]:
+    """The paths a private /tmp or /dev/shm would hide, but for those a writable path holds."""
+    def under(path: str, top: str) -> bool:
+        return path == top or path.startswith(top.rstrip("/") + "/")
+    return [path for path in dict.fromkeys(os.path.realpath(p) for p in paths)
+            if any(under(path, place) for place in PRIVATE_PLACES)
+            and not any(under(path, hole) for hole in writable)]
+
+
+def _make_mount_point(path: str, directory: bool) -> None:
+    """A writable path under a private /tmp is gone from the fresh tmpfs: make it again there."""
+    if os.path.lexists(path):
+        return
+    if not any(path.startswith(place + "/") for place in PRIVATE_PLACES):
+        raise kernel.KernelError(errno.ENOENT, "prepare writable path", path)
+    try:
+        if directory:
+            os.makedirs(path, 0o700)
+        else:
+            os.makedirs(os.path.dirname(path), 0o700, exist_ok=True)
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+    except OSError as exc:
+        raise kernel.KernelError(exc.errno or errno.EIO, "prepare writable path", path) from None
+
+
+def _address_space() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    return 0

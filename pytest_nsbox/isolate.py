@@ -1,0 +1,325 @@
+"""Isolate mode: each test of an unmodified suite runs in a sandbox of its own (--nsbox-isolate).
+
+Where the phases run, and why (docs/isolate.md has the trade-offs):
+
+- **setup and teardown run in the pytest process**, every fixture scope: a session or module
+  fixture is made once and torn down once, in the one process that holds it, and a server it
+  starts keeps running between tests;
+- **the call runs in a sandbox**: a clone of the pytest process (confine.py) in new namespaces, PID
+  1 of its own, with the PID cap, memory cap and timeout of the limits; the test's own code, and
+  every process, file and socket it makes, is confined there.  When the call is over the sandbox is
+  killed whole, and only then is its report made;
+- **the report travels back** through pytest's own serialization (pytest_report_to_serializable),
+  so the terminal, -rA, -x, --maxfail, --lf, junitxml and --durations see what they see without
+  isolation.  A child that dies without a report (a crash, os._exit, a cap) is a failed test whose
+  report says how it died and which limit it hit.
+
+The network namespace is the host's by default (network="host"), so that a server a session
+fixture started on localhost is reachable; network="none" in the test's marker gives it a private
+loopback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import sys
+import time
+import traceback
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import pytest
+from _pytest.reports import TestReport
+from _pytest.runner import call_and_report, show_test_item
+
+from . import caps, confine, seccomp
+
+if TYPE_CHECKING:
+    from .settings import SandboxSettings
+
+#: How long a killed test's sandbox may take to vanish before its report is made anyway.
+_KILL_PATIENCE = 10.0
+
+
+class Isolation(NamedTuple):
+    """How one test is isolated: its settings, the host paths it may write and those it must see;
+    or why it cannot be (a bad marker), which fails its call."""
+
+    settings: SandboxSettings | None
+    writable: tuple[str, ...]
+    visible: tuple[str, ...] = ()
+    error: str = ""
+
+
+def must_see(config: pytest.Config) -> tuple[str, ...]:
+    """What an isolated test must still see if it lies under the private /tmp or /dev/shm: the
+    project, the current directory, the interpreter, sys.path, and the packages imported so far
+    (an editable install is found through an import hook, not sys.path)."""
+    seen = [str(config.rootpath), os.getcwd(), sys.prefix, sys.base_prefix, *sys.path]
+    for name, module in list(sys.modules.items()):
+        where = getattr(module, "__file__", None)
+        if where and where.startswith(confine.PRIVATE_PLACES) and "." not in name:
+            seen.append(os.path.dirname(where))
+    return tuple(p for p in seen if p and os.path.isabs(p) and os.path.exists(p))
+
+
+def run_protocol(item: pytest.Item, nextitem: pytest.Item | None, isolation: Isolation) -> bool:
+    """pytest's runtest protocol, but for the call, which runs in a sandbox."""
+    ihook = item.ihook
+    ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+    hasrequest = hasattr(item, "_request")
+    if hasrequest and not item._request:  # type: ignore[attr-defined]
+        item._initrequest()  # type: ignore[attr-defined]  # a re-run, as pytest-rerunfailures does
+    try:
+        setup = call_and_report(item, "setup", log=True)
+        if setup.passed:
+            setup_only = item.config.getoption("setuponly", False)
+            if item.config.getoption("setupshow", False):
+                show_test_item(item, add_space=not setup_only)
+            if not setup_only:
+                ihook.pytest_runtest_logreport(report=call_in_sandbox(item, isolation))
+        if item.session.shouldfail or item.session.shouldstop:
+            nextitem = None
+        call_and_report(item, "teardown", log=True, nextitem=nextitem)
+    finally:
+        if hasrequest:
+            item._request = False  # type: ignore[attr-defined]
+            item.funcargs = None  # type: ignore[attr-defined]
+    ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+    return True
+
+
+def call_in_sandbox(item: pytest.Item, isolation: Isolation) -> TestReport:
+    settings = isolation.settings
+    if settings is None:
+        return _failed(item, time.time(), isolation.error)
+    plan = _plan(item.config)
+    cgroup = caps.SandboxCgroup.create(plan, os.getpid(), settings.pids_max, settings.memory_max,
+                                       prefix=caps.TEST_PREFIX)
+    parent = os.pidfd_open(os.getpid())
+    r, w = os.pipe2(os.O_CLOEXEC)
+    # cgroup v1 has no CLONE_INTO_CGROUP: we place the child, which waits for that before the test.
+    go_r, go_w = os.pipe2(os.O_CLOEXEC) if cgroup is not None and cgroup.version == 1 else (-1, -1)
+    started = time.time()
+    raised = ""
+    ids = (os.getuid(), os.getgid())  # in the child's new user namespace they read 65534 until mapped
+    if settings.seccomp:
+        seccomp.program()  # built once, here: every child inherits it ready
+    try:
+        cgroup_fd = cgroup.open() if cgroup is not None and cgroup.version == 2 else -1
+        try:
+            pid, pidfd = confine.fork(settings.network, cgroup_fd)
+        finally:
+            if cgroup_fd >= 0:
+                os.close(cgroup_fd)
+    except OSError as exc:
+        for fd in (r, w, parent, go_r, go_w):
+            if fd >= 0:
+                os.close(fd)
+        if cgroup is not None:
+            cgroup.destroy()
+        return _failed(item, started, f"nsbox: cannot fork the test into its sandbox: {exc}")
+    if pid == 0:
+        os.close(r)
+        if go_w >= 0:
+            os.close(go_w)
+        _child(item, isolation, plan, ids, w, parent, go_r)
+    for fd in (w, parent, go_r):
+        if fd >= 0:
+            os.close(fd)
+    try:
+        if go_w >= 0:
+            try:
+                cgroup.join(pid)  # type: ignore[union-attr]
+                os.write(go_w, b"g")
+            finally:
+                os.close(go_w)
+        data, timed_out = _read_until(r, pidfd, settings.timeout)
+    except (Exception, pytest.fail.Exception) as exc:
+        # Raised in this process while the test ran: a pytest-timeout alarm, say.  It fails the
+        # test, as it would have without isolation; Ctrl-C and exits still end the run.
+        data, timed_out = b"", False
+        raised = f"{type(exc).__name__}: {exc}\n(nsbox: raised in the pytest process while the isolated test ran)"
+    finally:
+        os.close(r)
+        # Everything the test started is gone before its report is made.
+        status = _end(pid, pidfd)
+        stats = cgroup.stats() if cgroup is not None else {}
+        if cgroup is not None:
+            cgroup.destroy()
+    if raised:
+        return _failed(item, started, raised)
+    try:
+        # The test's code could write anything to this pipe: a report that does not read is a failure.
+        result = json.loads(data) if data else {}
+        if "report" in result:
+            _merge_coverage(item.config, result.get("coverage"))
+            return item.config.hook.pytest_report_from_serializable(config=item.config, data=_tuples(result["report"]))
+    except Exception as exc:  # noqa: BLE001
+        return _failed(item, started, f"nsbox: the test's sandbox sent back a report that does not read ({exc!r})")
+    return _failed(item, started, _how_it_died(status, timed_out, settings, stats, result.get("error")))
+
+
+def _tuples(data: dict[str, Any]) -> dict[str, Any]:
+    """JSON, not pickle, carries the report: the sandbox writes it, and unpickling is running code.
+    JSON has no tuples, so the fields pytest and its plugins unpack or check as tuples get them back."""
+    for key in ("location", "longrepr"):
+        if isinstance(data.get(key), list):
+            data[key] = tuple(data[key])
+    for key in ("sections", "user_properties"):
+        if isinstance(data.get(key), list):
+            data[key] = [tuple(pair) if isinstance(pair, list) else pair for pair in data[key]]
+    return data
+
+
+def _child(item: pytest.Item, isolation: Isolation, plan: caps.CapPlan, ids: tuple[int, int],
+           w: int, parent: int, go: int) -> None:
+    """In the sandbox: run the call, hand its report (and coverage) back, leave.  Never returns."""
+    status = 1
+    try:
+        confine.die_with(parent)
+        os.close(parent)
+        if go >= 0 and os.read(go, 1) != b"g":
+            raise RuntimeError("the test process could not place the test in its cgroup")
+        settings = isolation.settings
+        confine.confine(*ids, isolation.writable, isolation.visible, settings.network,
+                        caps.tmpfs_size(settings.tmpfs_size, settings.memory_max, caps.default_tmpfs_size()),
+                        settings.pids_max, plan.mechanism == "rlimit",
+                        settings.memory_max, plan.memory_mechanism == "rlimit", settings.seccomp)
+        report = call_and_report(item, "call", log=False)
+        payload = {"report": item.config.hook.pytest_report_to_serializable(config=item.config, report=report),
+                   "coverage": _coverage_data() if "coverage" in sys.modules else None}
+        status = 0
+    except BaseException:  # noqa: BLE001 - whatever stops the child is the test's failure
+        payload = {"error": traceback.format_exc()}
+    try:
+        _write_all(w, json.dumps(payload).encode())
+    finally:
+        os._exit(status)
+
+
+def _read_until(r: int, pidfd: int, timeout: float | None) -> tuple[bytes, bool]:
+    """What the child writes, until it closes the pipe; (data, whether the timeout ran out)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    chunks = []
+    while True:
+        wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+        ready, _, _ = select.select([r], [], [], wait)
+        if not ready:
+            return b"".join(chunks), True
+        chunk = os.read(r, 1 << 16)
+        if not chunk:
+            return b"".join(chunks), False
+        chunks.append(chunk)
+
+
+def _end(pid: int, pidfd: int) -> int:
+    """Kill the test's sandbox (its PID 1) and wait until the kernel has reaped all of it."""
+    try:
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    select.select([pidfd], [], [], _KILL_PATIENCE)
+    os.close(pidfd)
+    _pid, status = os.waitpid(pid, 0)
+    return status
+
+
+def _how_it_died(status: int, timed_out: bool, settings: SandboxSettings, stats: dict[str, int],
+                 error: str | None) -> str:
+    if error:
+        return f"nsbox: the test's sandbox failed before the test could run:\n{error}"
+    if timed_out:
+        return f"nsbox: the test was killed at its timeout of {settings.timeout:g} s, with everything it started"
+    code = os.waitstatus_to_exitcode(status)
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        how = f"the test's process was killed by {name}"
+    else:
+        how = f"the test's process exited with status {code} (os._exit?) before its report was made"
+    if stats.get("oom_kills"):
+        how += f"; the out-of-memory killer acted at its memory_max of {settings.memory_max >> 20}M"
+    if stats.get("pids_max_hits"):
+        how += f"; forks were refused at its pids_max of {settings.pids_max}"
+    return f"nsbox: {how}"
+
+
+def _failed(item: pytest.Item, started: float, longrepr: str) -> TestReport:
+    stopped = time.time()
+    return TestReport(item.nodeid, item.location, {name: 1 for name in item.keywords}, "failed",
+                      longrepr, "call", duration=stopped - started, start=started, stop=stopped,
+                      user_properties=item.user_properties)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+_PLAN = pytest.StashKey[caps.CapPlan]()
+
+
+def _plan(config: pytest.Config) -> caps.CapPlan:
+    """How the test processes of this pytest process are capped: chosen once, as the spawner does."""
+    if _PLAN not in config.stash:
+        config.stash[_PLAN] = caps.detect()
+    return config.stash[_PLAN]
+
+
+def finish(config: pytest.Config) -> None:
+    """The run is over: remove the shared cgroup parents if nothing else uses them."""
+    plan = config.stash.get(_PLAN, None)
+    if plan is not None:
+        caps.remove_parents(plan)
+
+
+# -- coverage: the child's lines, merged into the parent's data ---------------------------------------
+_COVERAGE = pytest.StashKey[Any]()
+
+
+def _coverage_data() -> str | None:
+    """The lines the child measured, for the parent: the child may not write next to the project
+    (it is read-only in the sandbox), and ends with os._exit, which saves nothing."""
+    try:
+        import coverage
+    except ImportError:
+        return None
+    cov = coverage.Coverage.current()
+    collector = getattr(cov, "_collector", None)
+    if cov is None or collector is None:
+        return None
+    cov.stop()
+    data = coverage.CoverageData(no_disk=True)
+    collector.use_data(data, None)
+    collector.flush_data()
+    return data.dumps().hex()
+
+
+def _merge_coverage(config: pytest.Config, payload: str | None) -> None:
+    if not payload:
+        return
+    import coverage
+    data = coverage.CoverageData(no_disk=True)
+    data.loads(bytes.fromhex(payload))
+    merged = config.stash.get(_COVERAGE, None)
+    if merged is None:
+        config.stash[_COVERAGE] = data
+    else:
+        merged.update(data)
+
+
+def flush_coverage(config: pytest.Config) -> None:
+    """At the end of the run, before pytest-cov saves: the isolated tests' lines join the rest."""
+    merged = config.stash.get(_COVERAGE, None)
+    if merged is None:
+        return
+    import coverage
+    cov = coverage.Coverage.current()
+    if cov is not None:
+        cov.get_data().update(merged)

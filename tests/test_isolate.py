@@ -1,0 +1,312 @@
+"""Isolate mode: whole tests of an unmodified suite, each in a sandbox of its own.
+
+Every test here runs a small suite with pytester, in a pytest of its own, with and without
+--nsbox-isolate, and compares what a user would see.
+"""
+
+from __future__ import annotations
+
+import http.server
+import re
+import textwrap
+import threading
+
+import pytest
+
+
+OUTCOMES = textwrap.dedent("""
+    import os, subprocess, sys, time
+    import pytest
+
+    @pytest.fixture
+    def broken_setup():
+        raise RuntimeError("setup broke")
+
+    @pytest.fixture
+    def broken_teardown():
+        yield
+        raise RuntimeError("teardown broke")
+
+    def test_passes(tmp_path):
+        (tmp_path / "written").write_text("where tests may write")
+        assert os.getuid() == int(os.environ["EXPECTED_UID"])  # the user's own uid, isolated or not
+
+    def test_fails():
+        assert 1 + 1 == 3
+
+    def test_skips():
+        pytest.skip("not today")
+
+    @pytest.mark.xfail(reason="known bug", strict=True)
+    def test_xfails():
+        assert False
+
+    def test_errors_in_setup(broken_setup):
+        pass
+
+    def test_errors_in_teardown(broken_teardown):
+        pass
+
+    def test_exits_hard():
+        os._exit(7)
+
+    def test_crashes():
+        import ctypes
+        ctypes.string_at(0)  # a real fault: kill(getpid(), SIGSEGV) is ignored by a namespace's init
+
+    def test_after_the_crashes():
+        pass
+""")
+
+
+@pytest.fixture
+def suite(pytester, monkeypatch):
+    import os
+    monkeypatch.setenv("EXPECTED_UID", str(os.getuid()))
+    pytester.makepyfile(test_outcomes=OUTCOMES)
+    return pytester
+
+
+def _outcomes(result) -> dict[str, int]:
+    return {k: v for k, v in result.parseoutcomes().items() if k not in ("seconds",)}
+
+
+def test_outcomes_are_those_of_a_plain_run_and_crashes_say_how(suite):
+    plain = suite.runpytest_subprocess("-k", "not exits_hard and not crashes")
+    isolated = suite.runpytest_subprocess("--nsbox-isolate", "-k", "not exits_hard and not crashes")
+    assert _outcomes(isolated) == _outcomes(plain) == {
+        "passed": 2, "failed": 1, "skipped": 1, "xfailed": 1, "errors": 2, "deselected": 3}
+    crashed = suite.runpytest_subprocess("--nsbox-isolate", "-k", "exits_hard or crashes or after")
+    crashed.assert_outcomes(passed=1, failed=2)
+    crashed.stdout.fnmatch_lines([
+        "*test_exits_hard*", "nsbox: the test's process exited with status 7 (os._exit?) before its report was made",
+        "*test_crashes*", "nsbox: the test's process was killed by SIGSEGV"], consecutive=False)
+
+
+def test_report_fidelity_junitxml_equal_but_for_times(suite):
+    args = ("-k", "not exits_hard and not crashes", "-rA")
+    suite.runpytest_subprocess(*args, "--junitxml=plain.xml")
+    suite.runpytest_subprocess(*args, "--junitxml=isolated.xml", "--nsbox-isolate")
+
+    def normal(name: str) -> str:
+        xml = (suite.path / name).read_text()
+        return re.sub(r' (time|timestamp|hostname)="[^"]*"', "", xml)
+
+    assert normal("isolated.xml") == normal("plain.xml")
+
+
+def test_the_x_and_maxfail_and_lf_options_see_the_isolated_reports(suite):
+    suite.runpytest_subprocess("--nsbox-isolate", "-x").assert_outcomes(passed=1, failed=1)
+    last_failed = suite.runpytest_subprocess("--nsbox-isolate", "--lf", "-p", "cacheprovider",
+                                             "-k", "not exits_hard and not crashes")
+    last_failed.stdout.fnmatch_lines(["*run-last-failure*"])
+
+
+def test_fixture_scopes_keep_their_meaning(pytester):
+    pytester.makeconftest(textwrap.dedent("""
+        import pytest
+
+        @pytest.fixture(scope="session")
+        def session_thing(tmp_path_factory):
+            log = tmp_path_factory.getbasetemp() / "log"
+            with open(log, "a") as f:
+                f.write("session setup\\n")
+            yield "S"
+            with open(log, "a") as f:
+                f.write("session teardown\\n")
+
+        @pytest.fixture(scope="module")
+        def module_thing(tmp_path_factory):
+            with open(tmp_path_factory.getbasetemp() / "log", "a") as f:
+                f.write("module setup\\n")
+            return "M"
+    """))
+    for module in ("a", "b"):
+        pytester.makepyfile(**{f"test_{module}": textwrap.dedent("""
+            import pytest
+            @pytest.mark.parametrize("n", range(3))
+            def test_uses(session_thing, module_thing, n):
+                assert (session_thing, module_thing) == ("S", "M")
+        """)})
+    result = pytester.runpytest_subprocess("--nsbox-isolate", "--basetemp", str(pytester.path / "bt"))
+    result.assert_outcomes(passed=6)
+    assert (pytester.path / "bt" / "log").read_text().splitlines() == [
+        "session setup", "module setup", "module setup", "session teardown"]
+
+
+def test_a_session_server_on_localhost_is_reached_and_network_none_is_cut_off(pytester):
+    pytester.makeconftest(textwrap.dedent("""
+        import http.server, threading, pytest
+
+        @pytest.fixture(scope="session")
+        def server():
+            httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+            threading.Thread(target=httpd.serve_forever, daemon=True).start()
+            yield f"http://127.0.0.1:{httpd.server_address[1]}/"
+            httpd.shutdown()
+    """))
+    pytester.makepyfile(textwrap.dedent("""
+        import urllib.request, pytest
+
+        def test_reaches_the_session_server(server):
+            assert urllib.request.urlopen(server, timeout=5).status == 200
+
+        @pytest.mark.sandbox(network="none")
+        def test_a_private_network_does_not(server):
+            with pytest.raises(OSError):
+                urllib.request.urlopen(server, timeout=5)
+    """))
+    pytester.runpytest_subprocess("--nsbox-isolate").assert_outcomes(passed=2)
+
+
+def test_what_a_test_leaves_behind_dies_with_it_and_writes_stay_inside(pytester):
+    pytester.makepyfile(textwrap.dedent("""
+        import os, subprocess, pytest
+
+        def test_leaks_a_daemon():
+            subprocess.Popen(["sleep", "300.5"], start_new_session=True)
+
+        def test_writes_outside(pytestconfig):
+            with pytest.raises(OSError, match="Read-only file system"):
+                (pytestconfig.rootpath / "written-by-a-test").write_text("x")
+
+        def test_has_a_private_tmp():
+            with open("/tmp/left-by-a-test", "w") as f:
+                f.write("x")
+    """))
+    pytester.runpytest_subprocess("--nsbox-isolate").assert_outcomes(passed=3)
+    assert not (pytester.path / "written-by-a-test").exists()
+    assert not __import__("os").path.exists("/tmp/left-by-a-test")
+    assert not _processes_with_argv(["sleep", "300.5"])
+
+
+def test_the_limits_hold_and_the_report_names_the_one_hit(pytester):
+    pytester.makepyfile(textwrap.dedent("""
+        import subprocess, time, pytest
+
+        @pytest.mark.sandbox(timeout=1)
+        def test_hangs():
+            time.sleep(60)
+
+        @pytest.mark.sandbox(pids_max=32)
+        def test_fork_bombs():
+            with pytest.raises(subprocess.TimeoutExpired):
+                subprocess.run(["sh", "-c", "bomb() { bomb | bomb & }; bomb; sleep 60.75"], timeout=2)
+
+        def test_next_one_is_fine():
+            assert subprocess.run(["true"]).returncode == 0
+    """))
+    result = pytester.runpytest_subprocess("--nsbox-isolate")
+    result.assert_outcomes(passed=2, failed=1)
+    result.stdout.fnmatch_lines(["nsbox: the test was killed at its timeout of 1 s, with everything it started"])
+    assert not _processes_with_argv(["sleep", "60.75"])
+
+
+def test_marker_isolates_chosen_tests_and_a_bad_one_fails_the_test(pytester):
+    pytester.makepyfile(textwrap.dedent("""
+        import os, pytest
+
+        @pytest.mark.sandbox(isolate=True)
+        def test_isolated():
+            assert os.getpid() == 1
+
+        def test_not_isolated():
+            assert os.getpid() != 1
+
+        @pytest.mark.sandbox(isolate=True, network="internet")
+        def test_badly_marked():
+            pass
+    """))
+    result = pytester.runpytest_subprocess()
+    result.assert_outcomes(passed=2, failed=1)
+    result.stdout.fnmatch_lines(["*bad value for 'network': 'internet'*"])
+    assert "PytestWarning" not in result.stdout.str()  # isolate=True configures something
+
+
+def test_debuggers_are_refused_not_hung(pytester):
+    pytester.makepyfile("def test_x():\n    pass\n")
+    result = pytester.runpytest_subprocess("--nsbox-isolate", "--pdb")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["ERROR: --nsbox-isolate runs each test in a sandboxed copy of pytest, "
+                                 "where --pdb cannot reach your terminal*"])
+
+
+def test_works_under_xdist(pytester):
+    pytester.makepyfile(textwrap.dedent("""
+        import os, pytest
+
+        @pytest.mark.parametrize("n", range(6))
+        def test_many(n, tmp_path):
+            assert os.getpid() == 1
+            (tmp_path / "n").write_text(str(n))
+    """))
+    pytester.runpytest_subprocess("--nsbox-isolate", "-n", "2").assert_outcomes(passed=6)
+
+
+def test_coverage_numbers_are_the_same(pytester):
+    pytester.makepyfile(mod=textwrap.dedent("""
+        def covered(x):
+            if x:
+                return "yes"
+            return "no"
+
+        def not_covered():
+            return 1
+    """), test_mod=textwrap.dedent("""
+        import mod
+        def test_a():
+            assert mod.covered(True) == "yes"
+        def test_b():
+            assert mod.covered(False) == "no"
+    """))
+    totals = []
+    for args in ((), ("--nsbox-isolate",)):
+        result = pytester.runpytest_subprocess("--cov=mod", "--cov-report=term-missing", *args)
+        result.assert_outcomes(passed=2)
+        totals.append([line for line in result.stdout.lines if line.startswith("mod.py")])
+    assert totals[0] == totals[1] and totals[0] and "83%" in totals[0][0], totals
+
+
+def test_pytest_timeout_fails_the_test_and_the_run_goes_on(pytester):
+    pytester.makepyfile(textwrap.dedent("""
+        import time
+        def test_slow():
+            time.sleep(30)
+        def test_after():
+            pass
+    """))
+    result = pytester.runpytest_subprocess("--nsbox-isolate", "--timeout=2", "--timeout-method=signal")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*Failed: Timeout (>2.0s) from pytest-timeout.", "(nsbox: raised in the pytest process while the isolated test ran)"])
+
+
+def test_a_sandbox_inside_an_isolated_test_is_capped(pytester):
+    pytester.makepyfile(textwrap.dedent("""
+        import os, subprocess, pytest
+
+        @pytest.mark.sandbox(pids_max=40)
+        def test_nested(sandbox_factory):
+            box = sandbox_factory()  # made in the test's call, inside its sandbox
+            if os.getuid() != 0:
+                # root's processes are not bound by RLIMIT_NPROC, and the cgroup tree is read-only
+                # in here: the test's own cgroup caps the box, but the box cannot know it.
+                assert box.limits.pids_mechanism == "rlimit", box.limits.describe()
+            with pytest.raises(subprocess.TimeoutExpired):
+                box.run("bomb() { bomb | bomb & }; bomb; sleep 60", timeout=2)
+            assert box.run(["echo", "alive"]).stdout == "alive\\n"
+    """))
+    pytester.runpytest_subprocess("--nsbox-isolate").assert_outcomes(passed=1)
+
+
+def _processes_with_argv(argv: list[str]) -> list[int]:
+    import os
+    found = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if f.read().split(b"\0")[:-1] == [a.encode() for a in argv]:
+                        found.append(int(pid))
+            except OSError:
+                continue
+    return found
