@@ -28,6 +28,7 @@ import signal
 import sys
 import time
 import traceback
+import warnings
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import pytest
@@ -37,6 +38,8 @@ from _pytest.runner import call_and_report, show_test_item
 from . import caps, confine, seccomp
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from .settings import SandboxSettings
 
 #: How long a killed test's sandbox may take to vanish before its report is made anyway.
@@ -156,10 +159,50 @@ def call_in_sandbox(item: pytest.Item, isolation: Isolation) -> TestReport:
         result = json.loads(data) if data else {}
         if "report" in result:
             _merge_coverage(item.config, result.get("coverage"))
-            return item.config.hook.pytest_report_from_serializable(config=item.config, data=_tuples(result["report"]))
+            _warn_again(result.get("warnings") or ())
+            for logged in result.get("logged") or ():
+                item.ihook.pytest_runtest_logreport(report=_deserialize(item, logged))
+            _failed_subtests(item, int(result.get("failed_subtests") or 0))
+            return _deserialize(item, result["report"])
     except Exception as exc:  # noqa: BLE001
         return _failed(item, started, f"nsbox: the test's sandbox sent back a report that does not read ({exc!r})")
     return _failed(item, started, _how_it_died(status, timed_out, settings, stats, result.get("error")))
+
+
+class _LoggedHere:
+    """In the child: reports logged during the call (subtests log one per subTest) are kept for
+    the pytest process to log, where the terminal and junitxml count them, instead of here."""
+
+    def __init__(self, item: pytest.Item) -> None:
+        self.item = item
+        self.reports: list[dict[str, Any]] = []
+        for relay in (item.config.hook, item.ihook):
+            setattr(relay, "pytest_runtest_logreport", self)
+
+    def __call__(self, report: TestReport) -> None:
+        self.reports.append(_serialize(self.item, report))
+
+
+def _failed_subtests(item: pytest.Item, count: int | None = None) -> int:
+    """How many of the test's subtests failed, a count pytest keeps to fail the test itself: read
+    in the child, set in the pytest process."""
+    try:
+        from _pytest.subtests import failed_subtests_key
+        counts = item.config.stash[failed_subtests_key]
+    except (ImportError, KeyError):
+        return 0
+    key = getattr(item, "id", item.nodeid)
+    if count:
+        counts[key] = count
+    return counts.get(key, 0)
+
+
+def _serialize(item: pytest.Item, report: TestReport) -> dict[str, Any]:
+    return item.config.hook.pytest_report_to_serializable(config=item.config, report=report)
+
+
+def _deserialize(item: pytest.Item, data: dict[str, Any]) -> Any:
+    return item.config.hook.pytest_report_from_serializable(config=item.config, data=_tuples(data))
 
 
 def _tuples(data: dict[str, Any]) -> dict[str, Any]:
@@ -188,8 +231,12 @@ def _child(item: pytest.Item, isolation: Isolation, plan: caps.CapPlan, ids: tup
                         caps.tmpfs_size(settings.tmpfs_size, settings.memory_max, caps.default_tmpfs_size()),
                         settings.pids_max, plan.mechanism == "rlimit",
                         settings.memory_max, plan.memory_mechanism == "rlimit", settings.seccomp)
-        report = call_and_report(item, "call", log=False)
-        payload = {"report": item.config.hook.pytest_report_to_serializable(config=item.config, report=report),
+        logged = _LoggedHere(item)
+        with warnings.catch_warnings(record=True) as caught:  # under the filters pytest set
+            report = call_and_report(item, "call", log=False)
+        payload = {"report": _serialize(item, report), "logged": logged.reports,
+                   "failed_subtests": _failed_subtests(item),
+                   "warnings": [_warning_data(w) for w in caught],
                    "coverage": _coverage_data() if "coverage" in sys.modules else None}
         status = 0
     except BaseException:  # noqa: BLE001 - whatever stops the child is the test's failure
@@ -198,6 +245,28 @@ def _child(item: pytest.Item, isolation: Isolation, plan: caps.CapPlan, ids: tup
         _write_all(w, json.dumps(payload).encode())
     finally:
         os._exit(status)
+
+
+def _warning_data(caught: warnings.WarningMessage) -> dict[str, Any]:
+    category = caught.category
+    return {"message": str(caught.message), "module": category.__module__,
+            "category": category.__qualname__, "filename": caught.filename, "lineno": caught.lineno}
+
+
+def _warn_again(caught: Sequence[dict[str, Any]]) -> None:
+    """The call's warnings, raised again here, where pytest records them for the test (the
+    warnings summary and -W error see them as in a plain run)."""
+    for data in caught:
+        category: Any = sys.modules.get(str(data.get("module")))
+        for part in str(data.get("category")).split("."):
+            category = getattr(category, part, None)
+        if not (isinstance(category, type) and issubclass(category, Warning)):
+            category = UserWarning  # a class the test defined and this process never imported
+        try:
+            warnings.warn_explicit(str(data.get("message")), category, str(data.get("filename")),
+                                   int(data.get("lineno") or 0))
+        except Exception:  # noqa: BLE001 - a filter turned it into an error: the child reported it
+            pass
 
 
 def _read_until(r: int, pidfd: int, timeout: float | None) -> tuple[bytes, bool]:

@@ -56,6 +56,13 @@ OUTCOMES = textwrap.dedent("""
 
     def test_after_the_crashes():
         pass
+
+    class CustomWarning(UserWarning):
+        pass
+
+    def test_warns():
+        import warnings
+        warnings.warn(CustomWarning("careful"))
 """)
 
 
@@ -75,7 +82,8 @@ def test_outcomes_are_those_of_a_plain_run_and_crashes_say_how(suite):
     plain = suite.runpytest_subprocess("-k", "not exits_hard and not crashes")
     isolated = suite.runpytest_subprocess("--nsbox-isolate", "-k", "not exits_hard and not crashes")
     assert _outcomes(isolated) == _outcomes(plain) == {
-        "passed": 2, "failed": 1, "skipped": 1, "xfailed": 1, "errors": 2, "deselected": 3}
+        "passed": 3, "failed": 1, "skipped": 1, "xfailed": 1, "errors": 2, "deselected": 3, "warnings": 1}
+    isolated.stdout.fnmatch_lines(["*test_outcomes.py:*: CustomWarning: careful"])
     crashed = suite.runpytest_subprocess("--nsbox-isolate", "-k", "exits_hard or crashes or after")
     crashed.assert_outcomes(passed=1, failed=2)
     crashed.stdout.fnmatch_lines([
@@ -93,6 +101,30 @@ def test_report_fidelity_junitxml_equal_but_for_times(suite):
         return re.sub(r' (time|timestamp|hostname)="[^"]*"', "", xml)
 
     assert normal("isolated.xml") == normal("plain.xml")
+
+
+def test_subtests_and_their_failures_are_counted_as_in_a_plain_run(pytester):
+    pytester.makepyfile(textwrap.dedent("""
+        import unittest
+
+        class Case(unittest.TestCase):
+            def test_sub(self):
+                for i in range(4):
+                    with self.subTest(i=i):
+                        self.assertLess(i, 2)
+
+        def test_subtests(subtests):
+            for i in range(3):
+                with subtests.test(i=i):
+                    assert i != 1
+    """))
+    plain = pytester.runpytest_subprocess("-v")
+    isolated = pytester.runpytest_subprocess("-v", "--nsbox-isolate")
+
+    def summary(result) -> str:
+        return re.sub(r" in [0-9.]+s.*", "", result.stdout.lines[-1].strip("= "))
+
+    assert summary(isolated) == summary(plain) == "4 failed, 1 passed, 4 subtests passed"
 
 
 def test_the_x_and_maxfail_and_lf_options_see_the_isolated_reports(suite):
