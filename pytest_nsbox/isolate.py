@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 
 #: How long a killed test's sandbox may take to vanish before its report is made anyway.
 _KILL_PATIENCE = 10.0
+_WALL = 0x40000000  # waitpid's __WALL: children of any kind, those cloned without SIGCHLD too
 
 
 class Isolation(NamedTuple):
@@ -98,6 +99,7 @@ def call_in_sandbox(item: pytest.Item, isolation: Isolation) -> TestReport:
     settings = isolation.settings
     if settings is None:
         return _failed(item, time.time(), isolation.error)
+    _reap(item.config, block=False)
     plan = _plan(item.config)
     cgroup = caps.SandboxCgroup.create(plan, os.getpid(), settings.pids_max, settings.memory_max,
                                        prefix=caps.TEST_PREFIX)
@@ -145,18 +147,30 @@ def call_in_sandbox(item: pytest.Item, isolation: Isolation) -> TestReport:
         # test, as it would have without isolation; Ctrl-C and exits still end the run.
         data, timed_out = b"", False
         raised = f"{type(exc).__name__}: {exc}\n(nsbox: raised in the pytest process while the isolated test ran)"
+    except BaseException:
+        _Exiting(pid, pidfd, cgroup).end()
+        raise
     finally:
         os.close(r)
-        # Everything the test started is gone before its report is made.
-        status = _end(pid, pidfd)
-        stats = cgroup.stats() if cgroup is not None else {}
-        if cgroup is not None:
-            cgroup.destroy()
-    if raised:
-        return _failed(item, started, raised)
     try:
         # The test's code could write anything to this pipe: a report that does not read is a failure.
         result = json.loads(data) if data else {}
+        unreadable = None if isinstance(result, dict) else "not a JSON object"
+    except ValueError as exc:
+        result, unreadable = {}, repr(exc)
+    # Everything the test started is gone before its report is made: the child killed and reaped
+    # it all, and says so, or we kill its namespace and wait.
+    exiting = _Exiting(pid, pidfd, cgroup)
+    if result.get("alone") is True and not (raised or timed_out or unreadable):
+        item.config.stash.setdefault(_EXITING, []).append(exiting)
+        status, stats = 0, {}
+    else:
+        status, stats = exiting.end()
+    if raised:
+        return _failed(item, started, raised)
+    if unreadable:
+        return _failed(item, started, f"nsbox: the test's sandbox sent back a report that does not read ({unreadable})")
+    try:
         if "report" in result:
             _merge_coverage(item.config, result.get("coverage"))
             _warn_again(result.get("warnings") or ())
@@ -224,17 +238,19 @@ def _child(item: pytest.Item, isolation: Isolation, plan: caps.CapPlan, ids: tup
     try:
         confine.die_with(parent)
         os.close(parent)
-        if go >= 0 and os.read(go, 1) != b"g":
-            raise RuntimeError("the test process could not place the test in its cgroup")
         settings = isolation.settings
         confine.confine(*ids, isolation.writable, isolation.visible, settings.network,
                         caps.tmpfs_size(settings.tmpfs_size, settings.memory_max, caps.default_tmpfs_size()),
                         settings.pids_max, plan.mechanism == "rlimit",
                         settings.memory_max, plan.memory_mechanism == "rlimit", settings.seccomp)
+        # (cgroup v1: the parent moved us meanwhile; a move costs an RCU grace period, ~1-2 ms)
+        if go >= 0 and os.read(go, 1) != b"g":
+            raise RuntimeError("the test process could not place the test in its cgroup")
         logged = _LoggedHere(item)
         with warnings.catch_warnings(record=True) as caught:  # under the filters pytest set
             report = call_and_report(item, "call", log=False)
-        payload = {"report": _serialize(item, report), "logged": logged.reports,
+        alone = _end_the_rest()
+        payload = {"report": _serialize(item, report), "alone": alone, "logged": logged.reports,
                    "failed_subtests": _failed_subtests(item),
                    "warnings": [_warning_data(w) for w in caught],
                    "coverage": _coverage_data() if "coverage" in sys.modules else None}
@@ -243,8 +259,27 @@ def _child(item: pytest.Item, isolation: Isolation, plan: caps.CapPlan, ids: tup
         payload = {"error": traceback.format_exc()}
     try:
         _write_all(w, json.dumps(payload).encode())
+        os.close(w)  # the end of the report: the test process need not wait for our exit
     finally:
         os._exit(status)
+
+
+def _end_the_rest() -> bool:
+    """In the child, PID 1 of the test's namespaces: kill every process the test started and reap
+    them all, so that the report can go before this process's own (slower) exit.  False, and
+    nothing done, if a thread the test left running here could start more: then the test process
+    kills the whole namespace, and waits."""
+    if len(os.listdir("/proc/self/task")) > 1:
+        return False
+    try:
+        os.kill(-1, signal.SIGKILL)  # from a namespace's init: everything in it but init
+    except ProcessLookupError:
+        pass  # nothing to kill
+    while True:
+        try:
+            os.waitpid(-1, _WALL)
+        except ChildProcessError:
+            return True
 
 
 def _warning_data(caught: warnings.WarningMessage) -> dict[str, Any]:
@@ -284,16 +319,49 @@ def _read_until(r: int, pidfd: int, timeout: float | None) -> tuple[bytes, bool]
         chunks.append(chunk)
 
 
-def _end(pid: int, pidfd: int) -> int:
-    """Kill the test's sandbox (its PID 1) and wait until the kernel has reaped all of it."""
-    try:
-        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    select.select([pidfd], [], [], _KILL_PATIENCE)
-    os.close(pidfd)
-    _pid, status = os.waitpid(pid, 0)
-    return status
+class _Exiting(NamedTuple):
+    """A test's sandbox that is over: its PID 1 (a pidfd to it) and its cgroup."""
+
+    pid: int
+    pidfd: int
+    cgroup: caps.SandboxCgroup | None
+
+    def end(self) -> tuple[int, dict[str, int]]:
+        """Kill the sandbox (its PID 1: the kernel kills the rest), wait until the kernel has reaped
+        all of it, remove its cgroup: (wait status, the cgroup's counters)."""
+        self.kill()
+        select.select([self.pidfd], [], [], _KILL_PATIENCE)
+        os.close(self.pidfd)
+        _pid, status = os.waitpid(self.pid, 0)
+        stats = self.cgroup.stats() if self.cgroup is not None else {}
+        if self.cgroup is not None:
+            self.cgroup.destroy()
+        return status, stats
+
+    def kill(self) -> None:
+        try:
+            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def exited(self) -> bool:
+        return bool(select.select([self.pidfd], [], [], 0)[0])
+
+
+_EXITING = pytest.StashKey[list[_Exiting]]()
+
+
+def _reap(config: pytest.Config, block: bool) -> None:
+    """End the sandboxes of tests that reported alone: their PID 1 was only exiting.  One still
+    there at the next test (or at the end) is killed: its test's code outlived its own report."""
+    left = []
+    for exiting in config.stash.get(_EXITING, []):
+        if block or exiting.exited():
+            exiting.end()
+        else:
+            exiting.kill()  # harmless to a process that is exiting; the end of one that is not
+            left.append(exiting)
+    config.stash[_EXITING] = left
 
 
 def _how_it_died(status: int, timed_out: bool, settings: SandboxSettings, stats: dict[str, int],
@@ -342,7 +410,9 @@ def _plan(config: pytest.Config) -> caps.CapPlan:
 
 
 def finish(config: pytest.Config) -> None:
-    """The run is over: remove the shared cgroup parents if nothing else uses them."""
+    """The run is over: end the sandboxes still exiting, remove the shared cgroup parents if
+    nothing else uses them."""
+    _reap(config, block=True)
     plan = config.stash.get(_PLAN, None)
     if plan is not None:
         caps.remove_parents(plan)

@@ -212,6 +212,42 @@ def test_what_a_test_leaves_behind_dies_with_it_and_writes_stay_inside(pytester)
     assert not _processes_with_argv(["sleep", "300.5"])
 
 
+def test_what_a_test_started_is_gone_before_the_next_test_starts(pytester):
+    pytester.makepyfile(textwrap.dedent("""
+        import os, subprocess, threading, time, pytest
+
+        def leftovers():
+            found = []
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        found += [pid] if f.read() == b"sleep\\x00300.25\\x00" else []
+                except OSError:
+                    pass
+            return found
+
+        @pytest.mark.sandbox(isolate=True)
+        def test_leaves_a_daemon():
+            subprocess.Popen(["sleep", "300.25"], start_new_session=True)
+
+        def test_sees_none_after_the_daemon():  # not isolated: it sees the host's processes
+            assert not leftovers()
+
+        @pytest.mark.sandbox(isolate=True)
+        def test_leaves_a_thread_that_keeps_forking():
+            def fork_forever():
+                while True:
+                    subprocess.Popen(["sleep", "300.25"])
+                    time.sleep(0.001)
+            threading.Thread(target=fork_forever, daemon=True).start()
+            time.sleep(0.05)
+
+        def test_sees_none_after_the_thread():
+            assert not leftovers()
+    """))
+    pytester.runpytest_subprocess().assert_outcomes(passed=4)
+
+
 def test_the_limits_hold_and_the_report_names_the_one_hit(pytester):
     pytester.makepyfile(textwrap.dedent("""
         import subprocess, time, pytest
