@@ -46,7 +46,8 @@ DEFAULT_TARBALL = REPO.parent / "shared/alpine-mirror/v3.20/releases/x86_64/alpi
 # Issue 13's targets (medians, unprivileged, interleaved in one run), and the earlier ones.
 TARGETS = {"fresh_vs_bwrap": 0.8, "fresh_stretch": 0.7, "nospare_vs_bwrap": 1.2, "cpu_vs_bwrap": 1.5,
            "fixture_trivial_ms": 2.5, "fixture_20ms_ms": 1.5, "plugin_ms": 10.0, "idle_mb": 1.5,
-           "warm_vs_subprocess": 2.0, "rss_flatness": 1.2, "warm_hit_ms": 5.0, "cold_extract_s": 0.5}
+           "warm_vs_subprocess": 2.0, "rss_flatness": 1.2, "warm_hit_ms": 5.0, "cold_extract_s": 0.5,
+           "isolate_ms": 5.0}
 BENCH_ENV_DROP = ("PYTHONDONTWRITEBYTECODE",)  # users have bytecode caches: measure with them
 
 
@@ -245,16 +246,22 @@ def _worker(runner: list[str], tree: str, kind: str, count: int, ballast_mb: int
 
 # -- whole pytest runs: the plugin's fixed cost, the fixture's overhead -----------------------------
 def pytest_runs(runs: dict[str, list[str]], cwd: str, repeats: int, runner: list[str],
-                env: dict[str, str]) -> dict[str, list[float]]:
+                env: dict[str, str], cpu: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+    """Wall time of each pytest run, the runs interleaved; `cpu` gets the CPU time of each (the
+    pytest process and everything it reaped: spawner, sandboxes, isolated tests)."""
     times: dict[str, list[float]] = {k: [] for k in runs}
     base = ["-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", cwd]
     for name, args in runs.items():  # warm up: bytecode, the page cache
         subprocess.run(runner + base + args, env=env, cwd=cwd, check=True, stdout=subprocess.DEVNULL)
     for _ in range(repeats):
         for name, args in runs.items():
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
             started = time.perf_counter()
             subprocess.run(runner + base + args, env=env, cwd=cwd, check=True, stdout=subprocess.DEVNULL)
             times[name].append(time.perf_counter() - started)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            if cpu is not None:
+                cpu.setdefault(name, []).append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
     return times
 
 
@@ -280,6 +287,25 @@ def bench_fixture(tree: str, runner: list[str], tests: int, repeats: int, sleep_
     plain, boxed = (statistics.median(times[k]) for k in ("without plugin", "sandbox fixture"))
     return {"tests": tests, "sleep_ms": sleep_ms, "plain_s": plain, "sandbox_s": boxed,
             "overhead_ms_per_test": (boxed - plain) / tests * 1000}
+
+
+def bench_isolate(tree: str, runner: list[str], tests: int, repeats: int, ballast_mb: int) -> dict:
+    """--nsbox-isolate against a plain run of the same trivial tests, in a pytest process grown to
+    ~`ballast_mb` MB more by its conftest (the fork copies page tables; the child's writes copy pages)."""
+    with tempfile.TemporaryDirectory(prefix="nsbox-bench-") as tmp:
+        os.chmod(tmp, 0o755)
+        Path(tmp, "conftest.py").write_text(
+            f"BALLAST = bytearray({ballast_mb} << 20)\n"
+            "BALLAST[::4096] = b'\\x01' * len(range(0, len(BALLAST), 4096))  # resident, private\n")
+        Path(tmp, "test_many.py").write_text("".join(f"def test_{i}():\n    pass\n" for i in range(tests)))
+        cpu: dict[str, list[float]] = {}
+        times = pytest_runs({"plain": ["test_many.py"], "isolated": ["--nsbox-isolate", "test_many.py"]},
+                            tmp, repeats, runner, _pytest_env(tree), cpu)
+    plain, isolated = (statistics.median(times[k]) for k in ("plain", "isolated"))
+    plain_cpu, isolated_cpu = (statistics.median(cpu[k]) for k in ("plain", "isolated"))
+    return {"tests": tests, "ballast_mb": ballast_mb, "plain_s": plain, "isolated_s": isolated,
+            "overhead_ms_per_test": (isolated - plain) / tests * 1000,
+            "cpu_ms_per_test": (isolated_cpu - plain_cpu) / tests * 1000}
 
 
 def _pytest_env(tree: str) -> dict[str, str]:
@@ -531,6 +557,14 @@ def report(results: dict) -> str:
                      f"{fx['overhead_ms_per_test']:.2f} ms/test", "",
                      f"{fx['plain_s']:.2f} s without, {fx['sandbox_s']:.2f} s with", "", f"≤ {target:g} ms",
                      ok(fx["overhead_ms_per_test"], target)))
+    for key in ("isolate", "isolate_200mb"):
+        iso = results[key]
+        size = f", pytest {iso['ballast_mb']} MB bigger" if iso["ballast_mb"] else ""
+        rows.append((f"**target**: `--nsbox-isolate` overhead, {iso['tests']} trivial tests{size}",
+                     f"{iso['overhead_ms_per_test']:.2f} ms/test", f"{iso['cpu_ms_per_test']:.2f} ms/test",
+                     f"{iso['plain_s']:.2f} s without, {iso['isolated_s']:.2f} s with", "",
+                     "≤ 5 ms at 200 MB" if iso["ballast_mb"] else "",
+                     ok(iso["overhead_ms_per_test"], TARGETS["isolate_ms"]) if iso["ballast_mb"] else ""))
     plugin = results["plugin"]
     rows.append(("**target**: the plugin's fixed cost per pytest run", f"{plugin['cost_ms']:.1f} ms", "",
                  f"{plugin['plain_ms']:.0f} ms with `-p no:nsbox`", "", "≤ 10 ms", ok(plugin["cost_ms"], TARGETS["plugin_ms"])))
@@ -643,6 +677,8 @@ def main() -> int:
         ("plugin", lambda: bench_plugin(tree, runner, 3 if q else 21)),
         ("fixture", lambda: bench_fixture(tree, runner, 30 if q else 500, 1 if q else 3, 0)),
         ("fixture_20ms", lambda: bench_fixture(tree, runner, 20 if q else 300, 1 if q else 3, 20)),
+        ("isolate", lambda: bench_isolate(tree, runner, 20 if q else 300, 1 if q else 3, 0)),
+        ("isolate_200mb", lambda: bench_isolate(tree, runner, 20 if q else 300, 1 if q else 3, 200)),
         ("scaling", lambda: bench_scaling(tree, runner, 10 if q else 100, [50, 500] if q else [50, 500, 2000])),
         ("rootfs", lambda: bench_rootfs(runner, args.tarball, cache, 2 if q else 10)),
         ("idle", lambda: bench_idle(tree, runner, 5 if q else 50)),
