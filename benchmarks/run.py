@@ -560,7 +560,8 @@ def report(results: dict) -> str:
     for key in ("isolate", "isolate_200mb"):
         iso = results[key]
         size = f", pytest {iso['ballast_mb']} MB bigger" if iso["ballast_mb"] else ""
-        rows.append((f"**target**: `--nsbox-isolate` overhead, {iso['tests']} trivial tests{size}",
+        label = "**target**: " if iso["ballast_mb"] else ""
+        rows.append((f"{label}`--nsbox-isolate` overhead, {iso['tests']} trivial tests{size}",
                      f"{iso['overhead_ms_per_test']:.2f} ms/test", f"{iso['cpu_ms_per_test']:.2f} ms/test",
                      f"{iso['plain_s']:.2f} s without, {iso['isolated_s']:.2f} s with", "",
                      "≤ 5 ms at 200 MB" if iso["ballast_mb"] else "",
