@@ -133,7 +133,7 @@ def bench_fresh(tree: str, runner: list[str], rounds: int, block: int) -> dict:
 def run_contender(name: str, tree: str) -> None:
     """Worker: read a block size per line, make that many sandboxes, report latency and CPU."""
     from pytest_nsbox import Sandbox
-    from pytest_nsbox.rootfs import Rootfs
+    from pytest_nsbox.rootfs.store import Rootfs
     rootfs = Rootfs(tree, Path(tree))
     argv = {"bwrap --ro-bind": ["bwrap", "--unshare-all", "--die-with-parent", "--ro-bind", tree, "/",
                                 "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "/bin/true"],
@@ -164,7 +164,7 @@ def run_contender(name: str, tree: str) -> None:
 
 
 def spawner_pid() -> int | None:
-    from pytest_nsbox import client
+    from pytest_nsbox.engine import client
     spawner = client.Spawner._instance
     return spawner.process.pid if spawner is not None and spawner.alive() else None
 
@@ -220,7 +220,7 @@ def bench_warm(tree: str, runner: list[str], rounds: int, block: int) -> dict:
 
 def run_warm(tree: str, rounds: int, block: int) -> dict:
     from pytest_nsbox import Sandbox
-    from pytest_nsbox.rootfs import Rootfs
+    from pytest_nsbox.rootfs.store import Rootfs
     samples: dict[str, list[float]] = {"nsbox run": [], "subprocess.run": []}
     with Sandbox(rootfs=Rootfs(tree, Path(tree))) as box:
         runs = {"nsbox run": lambda: box.run(["/bin/true"]),
@@ -324,7 +324,7 @@ def bench_scaling(tree: str, runner: list[str], rounds: int, sizes_mb: list[int]
 
 def run_owner(tree: str, count: int, ballast_mb: int) -> dict:
     from pytest_nsbox import Sandbox
-    from pytest_nsbox.rootfs import Rootfs
+    from pytest_nsbox.rootfs.store import Rootfs
     ballast = bytearray(ballast_mb << 20)
     for i in range(0, len(ballast), 4096):
         ballast[i] = 1  # resident, as a big test process would be
@@ -341,7 +341,7 @@ def run_owner(tree: str, count: int, ballast_mb: int) -> dict:
 
 def run_threads(tree: str, per_thread: int, threads: int) -> dict:
     from pytest_nsbox import Sandbox
-    from pytest_nsbox.rootfs import Rootfs
+    from pytest_nsbox.rootfs.store import Rootfs
     rootfs = Rootfs(tree, Path(tree))
     latencies: list[float] = []
     lock = threading.Lock()
@@ -370,8 +370,8 @@ def bench_rootfs(runner: list[str], tarball: Path, cache: Path, repeats: int) ->
 
 
 def run_rootfs(tarball: Path, cache: Path, repeats: int) -> dict:
-    from pytest_nsbox.archive import extract
-    from pytest_nsbox.rootfs import RootfsStore
+    from pytest_nsbox.rootfs.archive import extract
+    from pytest_nsbox.rootfs.store import RootfsStore
     cold = []
     for _ in range(repeats):
         with tempfile.TemporaryDirectory() as tmp:
@@ -424,7 +424,7 @@ def bench_idle(tree: str, runner: list[str], count: int) -> dict:
 
 def run_idle(tree: str, count: int) -> None:
     from pytest_nsbox import Sandbox
-    from pytest_nsbox.rootfs import Rootfs
+    from pytest_nsbox.rootfs.store import Rootfs
     rootfs = Rootfs(tree, Path(tree))
     Sandbox(rootfs=rootfs).start().close()
     time.sleep(0.3)
@@ -479,7 +479,7 @@ def bench_soak(tree: str, runner: list[str], count: int) -> dict:
 
 def run_soak(tree: str, count: int) -> dict:
     from pytest_nsbox import Sandbox
-    from pytest_nsbox.rootfs import Rootfs
+    from pytest_nsbox.rootfs.store import Rootfs
     rootfs = Rootfs(tree, Path(tree))
 
     def once() -> None:
@@ -718,7 +718,7 @@ def run_worker(args: argparse.Namespace) -> int:
     elif args.worker == "rootfs":
         print(json.dumps(run_rootfs(Path(args.tree), Path(os.environ["NSBOX_CACHE_DIR"]), args.count)))
     elif args.worker == "resolve":
-        from pytest_nsbox.rootfs import RootfsStore
+        from pytest_nsbox.rootfs.store import RootfsStore
         print(json.dumps({"tree": str(RootfsStore(os.environ["NSBOX_CACHE_DIR"]).resolve(args.tree).tree)}))
     else:
         raise SystemExit(f"unknown worker {args.worker}")

@@ -18,7 +18,7 @@ __all__ = ["ConfigError", "Mount", "NsboxError", "NsboxWarning", "RootfsError", 
            "UnsafeArchiveError"]
 
 _HOMES = {
-    "Sandbox": "sandbox", "SandboxProcess": "sandbox",
+    "Sandbox": "engine.sandbox", "SandboxProcess": "engine.sandbox",
     "Mount": "settings", "SandboxSettings": "settings",
     "NsboxError": "errors", "NsboxWarning": "errors", "ConfigError": "errors", "RootfsError": "errors", "UnsafeArchiveError": "errors",
     "SandboxClosed": "errors", "SandboxSetupError": "errors", "SandboxUnavailable": "errors",
@@ -28,9 +28,9 @@ TYPE_CHECKING = False  # not typing's: the spawner imports this package and must
 if TYPE_CHECKING:
     from typing import Any
 
+    from .engine.sandbox import Sandbox, SandboxProcess
     from .errors import (ConfigError, NsboxError, NsboxWarning, RootfsError, SandboxClosed,
                          SandboxSetupError, SandboxUnavailable, UnsafeArchiveError)
-    from .sandbox import Sandbox, SandboxProcess
     from .settings import Mount, SandboxSettings
 
 

@@ -19,9 +19,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .archive import ARCHIVE_SUFFIXES
 from .errors import ConfigError, NsboxError
-from .rootfs import RootfsStore, default_cache_dir
+from .rootfs.archive import ARCHIVE_SUFFIXES
+from .rootfs.store import RootfsStore, default_cache_dir
 
 SPEC_HELP = """\
 SPEC is one of:

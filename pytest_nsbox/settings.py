@@ -79,7 +79,7 @@ class Mount:
 class SandboxSettings:
     """Everything that defines one sandbox.  Keyword names are the public `Sandbox(...)` ones."""
 
-    #: A spec (see pytest_nsbox.specs), a path, or a Rootfs already resolved; None means "alpine".
+    #: A spec (see pytest_nsbox.rootfs.specs), a path, or a Rootfs already resolved; None means "alpine".
     rootfs: Union[str, os.PathLike[str], Any, None] = None
     cache_dir: Union[str, os.PathLike[str], None] = None
     network: Literal["none", "host"] = "none"

@@ -45,10 +45,10 @@ os.environ.setdefault("NSBOX_CACHE_DIR", str(REPO / "rootfs-cache"))
 
 def fetch_test_mirror(dest: pathlib.Path, source: str) -> None:
     """Lay out TEST_RELEASES in `dest` as a mirror has them, downloading what is missing from `source`."""
-    from pytest_nsbox.alpine import file_name, tarball_url
-    from pytest_nsbox.download import fetch_file
+    from pytest_nsbox.rootfs.alpine import file_name, tarball_url
+    from pytest_nsbox.rootfs.download import fetch_file
     from pytest_nsbox.errors import NsboxError
-    from pytest_nsbox.rootfs import file_sha256
+    from pytest_nsbox.rootfs.store import file_sha256
     for version, sha256 in TEST_RELEASES.items():
         branch, name = version.rsplit(".", 1)[0], file_name(version, "x86_64")
         release = dest / f"v{branch}/releases/x86_64"
@@ -65,7 +65,7 @@ def fetch_test_mirror(dest: pathlib.Path, source: str) -> None:
 
 
 def _how_to_get_alpine(dest: pathlib.Path, error: Exception) -> str:
-    from pytest_nsbox.alpine import DEFAULT_MIRROR, file_name, tarball_url
+    from pytest_nsbox.rootfs.alpine import DEFAULT_MIRROR, file_name, tarball_url
     lines = [f"the tests need Alpine's minirootfs {' and '.join(TEST_RELEASES)} (x86_64), in {SHARED_MIRROR} "
              f"or NSBOX_TEST_MIRROR, and fetching them failed ({error}). Where there is network, run:"]
     for version, sha256 in TEST_RELEASES.items():
@@ -79,7 +79,7 @@ def _how_to_get_alpine(dest: pathlib.Path, error: Exception) -> str:
 def pytest_configure(config: pytest.Config) -> None:
     # xdist workers start after the controller has fetched.
     if MIRROR == FETCHED_MIRROR and not hasattr(config, "workerinput"):
-        from pytest_nsbox.alpine import DEFAULT_MIRROR
+        from pytest_nsbox.rootfs.alpine import DEFAULT_MIRROR
         fetch_test_mirror(FETCHED_MIRROR, DEFAULT_MIRROR)
     rootfs = pathlib.Path(os.environ["NSBOX_ROOTFS"])
     if not rootfs.exists():

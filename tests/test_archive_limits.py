@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from pytest_nsbox import ConfigError, RootfsError
-from pytest_nsbox.archive import Limits, extract
-from pytest_nsbox.rootfs import RootfsStore, remove_tree
+from pytest_nsbox.rootfs.archive import Limits, extract
+from pytest_nsbox.rootfs.store import RootfsStore, remove_tree
 
 
 def _store(tmp_path: Path) -> RootfsStore:

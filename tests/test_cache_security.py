@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from pytest_nsbox import RootfsError
-from pytest_nsbox.rootfs import RootfsStore
+from pytest_nsbox.rootfs.store import RootfsStore
 
 from .conftest import MIRROR
 from .mirror import serve
@@ -168,7 +168,7 @@ def test_other_users_cannot_reach_a_tree_to_plant_files(mirror):
 
 PRUNE_KILLED_MIDWAY = textwrap.dedent("""
     import os, shutil, signal, sys
-    from pytest_nsbox import rootfs
+    from pytest_nsbox.rootfs import store as rootfs
     def crash(path, *args, **kwargs):
         shutil.rmtree(os.path.join(path, "bin"))  # half of the tree is gone...
         os.kill(os.getpid(), signal.SIGKILL)      # ...when the process dies

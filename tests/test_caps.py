@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from pytest_nsbox import caps, client
-from pytest_nsbox.caps import CapPlan, SandboxCgroup, detect
+from pytest_nsbox.engine import caps, client
+from pytest_nsbox.engine.caps import CapPlan, SandboxCgroup, detect
 from pytest_nsbox.settings import parse_size
 
 from .helpers import alive, commands_of, sandbox_processes, wait_until
@@ -150,7 +150,7 @@ def test_run_wide_defaults_and_marker_override(pytester):
 
 HIDE_CGROUPS = textwrap.dedent("""
     import os, sys
-    from pytest_nsbox import kernel
+    from pytest_nsbox.engine import kernel
     uid, gid = os.getuid(), os.getgid()
     flags = kernel.CLONE_NEWNS | (kernel.CLONE_NEWUSER if uid else 0)
     kernel.unshare(flags)
@@ -198,7 +198,7 @@ def test_cgroup_is_removed_on_close(sandbox_factory):
 OWNER = textwrap.dedent("""
     import os, sys, time
     from pytest_nsbox import Sandbox
-    from pytest_nsbox.client import Spawner
+    from pytest_nsbox.engine.client import Spawner
     box = Sandbox(rootfs=sys.argv[1], cache_dir=sys.argv[2]).start()
     box.spawn(["sleep", "300"])
     print(Spawner.get().process.pid, *box.limits.cgroup.values(), flush=True)
@@ -281,7 +281,7 @@ def test_global_root_is_told_apart_from_root_in_a_user_namespace():
     assert not caps.is_global_root(owner_of_sysctls=65534, euid=0)  # root of a nested namespace
     assert not caps.is_global_root(owner_of_sysctls=0, euid=1000)
     # For real: uid 0 in a user namespace of ours is the host's root only if we are.
-    from pytest_nsbox import kernel
+    from pytest_nsbox.engine import kernel
     r, w = os.pipe()
     uid, gid = os.getuid(), os.getgid()
     pid = os.fork()
@@ -341,7 +341,7 @@ def test_cgroup_files_on_a_fake_v2_tree(tmp_path):
 
 
 def test_stale_cgroups_of_dead_spawners_are_recognised(tmp_path, sandbox):
-    from pytest_nsbox.client import Spawner
+    from pytest_nsbox.engine.client import Spawner
     live = Spawner.get().process.pid  # a running spawner (the sandbox fixture started it)
     parent = tmp_path / "nsbox"
     names = {"dead": "nsbox-999999999-abcdef", "reused": f"nsbox-{os.getpid()}-0123ab",

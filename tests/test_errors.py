@@ -81,7 +81,8 @@ def test_pids_max_above_a_hard_ulimit_is_clamped_and_said(alpine_tarball, cache_
 # -- hosts and processes that fail fast -----------------------------------------------------------------
 NO_USERNS = textwrap.dedent("""
     import os, sys, time
-    from pytest_nsbox import Sandbox, SandboxUnavailable, kernel
+    from pytest_nsbox import Sandbox, SandboxUnavailable
+    from pytest_nsbox.engine import kernel
     uid, gid = os.getuid(), os.getgid()
     kernel.unshare(kernel.CLONE_NEWUSER)
     kernel.write_id_maps(uid, gid)
@@ -127,7 +128,8 @@ def test_a_low_ulimit_is_said_at_once(alpine_tarball, cache_dir):
 
 STOPPED = textwrap.dedent("""
     import os, signal, sys
-    from pytest_nsbox import Sandbox, SandboxSetupError, client
+    from pytest_nsbox import Sandbox, SandboxSetupError
+    from pytest_nsbox.engine import client
     Sandbox(rootfs=sys.argv[1], cache_dir=sys.argv[2]).start().close()
     client._REQUEST_TIMEOUT = 1.0
     pid = client.Spawner.get().process.pid
@@ -149,7 +151,8 @@ def test_a_stopped_spawner_is_named_not_waited_for_forever(alpine_tarball, cache
 
 KILLED = textwrap.dedent("""
     import os, signal, sys
-    from pytest_nsbox import Sandbox, SandboxClosed, client
+    from pytest_nsbox import Sandbox, SandboxClosed
+    from pytest_nsbox.engine import client
     with Sandbox(rootfs=sys.argv[1], cache_dir=sys.argv[2]) as box:
         os.kill(client.Spawner.get().process.pid, signal.SIGKILL)
         try:

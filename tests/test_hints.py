@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from pytest_nsbox import hints
+from pytest_nsbox.engine import hints
 
 FILTERED = "Name:\tpython3\nSeccomp:\t2\nSeccomp_filters:\t1\n"
 UNFILTERED = "Name:\tpython3\nSeccomp:\t0\n"

@@ -11,7 +11,7 @@ import os
 import pytest
 
 from pytest_nsbox import Sandbox, SandboxSetupError
-from pytest_nsbox.archive import extract
+from pytest_nsbox.rootfs.archive import extract
 
 #: Descriptor numbers a magic link might guess: init's own, whatever they are on the day.
 GUESSES = range(3, 20)

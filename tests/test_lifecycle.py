@@ -13,7 +13,7 @@ import time
 import pytest
 
 from pytest_nsbox import Sandbox
-from pytest_nsbox.spawner import prefork_depth
+from pytest_nsbox.engine.spawner import prefork_depth
 
 from .helpers import alive, commands_of, processes_in_pid_namespace, sandbox_processes, wait_until
 
@@ -87,7 +87,8 @@ def test_sandbox_dies_with_its_owner(sig, alpine_tarball, cache_dir):
 
 EXITING_OWNER = textwrap.dedent("""
     import sys
-    from pytest_nsbox import Sandbox, client
+    from pytest_nsbox import Sandbox
+    from pytest_nsbox.engine import client
     box = Sandbox(rootfs=sys.argv[1], cache_dir=sys.argv[2]).start()  # and spares behind it
     box.spawn(["sleep", "300"])
     print(client.Spawner.get().process.pid, flush=True)

@@ -74,8 +74,8 @@ def test_a_run_without_sandboxed_tests_starts_nothing(pytester):
     pytester.makepyfile(textwrap.dedent("""
         import sys
         def test_x():
-            assert "pytest_nsbox.client" not in sys.modules
-            assert "pytest_nsbox.rootfs" not in sys.modules
+            assert "pytest_nsbox.engine.client" not in sys.modules
+            assert "pytest_nsbox.rootfs.store" not in sys.modules
     """))
     result = pytester.runpytest_subprocess()
     result.assert_outcomes(passed=1)

@@ -9,8 +9,8 @@ import tarfile
 import pytest
 
 from pytest_nsbox import RootfsError, Sandbox, UnsafeArchiveError
-from pytest_nsbox.archive import extract
-from pytest_nsbox.rootfs import resolve
+from pytest_nsbox.rootfs.archive import extract
+from pytest_nsbox.rootfs.store import resolve
 
 
 def test_tarball_is_extracted_once_and_reused(alpine_tarball, tmp_path):
@@ -18,7 +18,7 @@ def test_tarball_is_extracted_once_and_reused(alpine_tarball, tmp_path):
     assert (first.tree / "bin/busybox").is_file()
     assert os.readlink(first.tree / "bin/sh") == "/bin/busybox"  # absolute links kept
     stamp = first.tree.stat().st_mtime_ns
-    from pytest_nsbox import rootfs
+    from pytest_nsbox.rootfs import store as rootfs
     rootfs._default_stores.clear()
     again = resolve(alpine_tarball, tmp_path)
     assert again.tree == first.tree and again.tree.stat().st_mtime_ns == stamp
@@ -35,7 +35,7 @@ def test_directory_rootfs(alpine_tarball, tmp_path):
 
 
 def test_stale_half_extracted_entry_is_rebuilt(alpine_tarball, tmp_path):
-    from pytest_nsbox import rootfs
+    from pytest_nsbox.rootfs import store as rootfs
     digest = rootfs.file_sha256(alpine_tarball)
     stale = tmp_path / "trees" / f"sha256-{digest}.tmp-99999"
     (stale / "bin").mkdir(parents=True)
@@ -155,7 +155,8 @@ def test_a_tarball_without_bin_sh_is_refused_and_not_cached(tmp_path):
 
 
 def test_unusable_cache_is_a_sentence_not_a_traceback(alpine_tarball, tmp_path):
-    from pytest_nsbox import RootfsError, rootfs
+    from pytest_nsbox import RootfsError
+    from pytest_nsbox.rootfs import store as rootfs
     digest = rootfs.file_sha256(alpine_tarball)
     lock = tmp_path / "trees" / f"sha256-{digest}.lock"
     lock.mkdir(parents=True)  # the entry's lock cannot be opened, even by root

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from pytest_nsbox import client, systemd
-from pytest_nsbox.caps import detect, enter_scope
-from pytest_nsbox.client import Spawner
+from pytest_nsbox.engine import client, systemd
+from pytest_nsbox.engine.caps import detect, enter_scope
+from pytest_nsbox.engine.client import Spawner
 
 from .helpers import alive, wait_until
 
@@ -203,7 +203,7 @@ def test_each_xdist_worker_has_its_own_scope(pytester):
     _scope_plan()
     pytester.makepyfile(textwrap.dedent(f"""
         import os, pathlib, pytest
-        from pytest_nsbox import client
+        from pytest_nsbox.engine import client
 
         @pytest.mark.parametrize("n", range(4))
         def test_capped(sandbox, n):
@@ -219,7 +219,8 @@ def test_each_xdist_worker_has_its_own_scope(pytester):
 
 OWNER = textwrap.dedent("""
     import sys, time
-    from pytest_nsbox import Sandbox, client
+    from pytest_nsbox import Sandbox
+    from pytest_nsbox.engine import client
     box = Sandbox(rootfs=sys.argv[1], cache_dir=sys.argv[2]).start()
     box.spawn(["sleep", "300"])
     print(client.Spawner.get().process.pid, client.probe().caps.parents["pids"], flush=True)

@@ -22,8 +22,8 @@ import traceback
 
 import pytest
 
-from pytest_nsbox import kernel, seccomp
-from pytest_nsbox.kernel import KernelError
+from pytest_nsbox.engine import kernel, seccomp
+from pytest_nsbox.engine.kernel import KernelError
 
 MACHINE = os.uname().machine
 COLUMN = {"x86_64": 0, "aarch64": 2}.get(MACHINE)
@@ -436,9 +436,9 @@ def test_the_doc_tables_are_the_module_tables():
 
 
 def test_spawner_side_imports_stay_small():
-    code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); import pytest_nsbox.kernel; "
-            "before = set(sys.modules); import pytest_nsbox.seccomp as s; s.program(); "
+    code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); import pytest_nsbox.engine.kernel; "
+            "before = set(sys.modules); import pytest_nsbox.engine.seccomp as s; s.program(); "
             "print(' '.join(sorted(set(sys.modules) - before)))")
     out = subprocess.run([sys.executable, "-I", "-S", "-c", code], check=True,
                          capture_output=True, text=True).stdout.split()
-    assert set(out) <= {"pytest_nsbox.seccomp", "struct", "_struct"}, out
+    assert set(out) <= {"pytest_nsbox.engine.seccomp", "struct", "_struct"}, out

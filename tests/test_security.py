@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_nsbox import caps
+from pytest_nsbox.engine import caps
 
 from .helpers import host_python, processes_in_pid_namespace
 
@@ -119,7 +119,7 @@ def _run_without_user_namespaces(pytester, *args):
     import sys
     script = (
         "import os, sys\n"
-        "from pytest_nsbox import kernel\n"
+        "from pytest_nsbox.engine import kernel\n"
         "uid, gid = os.getuid(), os.getgid()\n"
         "kernel.unshare(kernel.CLONE_NEWUSER)\n"
         "kernel.write_id_maps(uid, gid)\n"
@@ -217,7 +217,8 @@ def test_one_command_cannot_trace_or_read_another(sandbox):
 
 SPAWNER_ENVIRON = """
 import sys
-from pytest_nsbox import Sandbox, client
+from pytest_nsbox import Sandbox
+from pytest_nsbox.engine import client
 with Sandbox(rootfs=sys.argv[1], cache_dir=sys.argv[2]) as box:
     with open(f"/proc/{client.Spawner.get().process.pid}/environ", "rb") as f:
         print(sorted(entry.split(b"=")[0].decode() for entry in f.read().split(b"\\0") if entry))

@@ -11,8 +11,8 @@ import time
 import pytest
 
 from pytest_nsbox import Sandbox, SandboxClosed
-from pytest_nsbox.client import Spawner
-from pytest_nsbox.spawner import prefork_depth
+from pytest_nsbox.engine.client import Spawner
+from pytest_nsbox.engine.spawner import prefork_depth
 
 from .helpers import alive, descendants, wait_until
 
@@ -71,7 +71,7 @@ def test_only_the_spares_of_the_last_spec_are_kept(alpine_tarball, cache_dir):
 OWNER = textwrap.dedent("""
     import sys, time
     from pytest_nsbox import Sandbox
-    from pytest_nsbox.client import Spawner
+    from pytest_nsbox.engine.client import Spawner
     Sandbox(rootfs=sys.argv[1], cache_dir=sys.argv[2]).start().close()  # leaves spares behind
     print(Spawner.get().process.pid, flush=True)
     time.sleep(300)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from pytest_nsbox import ConfigError
-from pytest_nsbox.alpine import latest_minirootfs, machine_arch, parse_checksum_file, tarball_url
-from pytest_nsbox.specs import AlpineSpec, HostSpec, PathSpec, UrlSpec, parse
+from pytest_nsbox.rootfs.alpine import latest_minirootfs, machine_arch, parse_checksum_file, tarball_url
+from pytest_nsbox.rootfs.specs import AlpineSpec, HostSpec, PathSpec, UrlSpec, parse
 
 DIGEST = "a" * 64
 

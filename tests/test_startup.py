@@ -21,7 +21,7 @@ def test_a_failed_setup_always_reports_its_own_error(tmp_path, alpine_tarball):
     # Init reports the error and exits; the owner's `hello` may still be unread then, and the
     # kernel says "connection reset" before it hands over the report: never instead of it.
     from pytest_nsbox import SandboxSetupError
-    from pytest_nsbox.archive import extract
+    from pytest_nsbox.rootfs.archive import extract
     tree = tmp_path / "tree"
     tree.mkdir()
     extract(alpine_tarball, tree)

@@ -17,7 +17,7 @@ import pytest
 
 from pytest_nsbox import RootfsError, Sandbox, UnsafeArchiveError
 from pytest_nsbox.errors import DigestMismatch
-from pytest_nsbox.rootfs import RootfsStore
+from pytest_nsbox.rootfs.store import RootfsStore
 
 from .conftest import MIRROR
 from .helpers import wait_until
@@ -191,7 +191,7 @@ def test_malicious_tarball_from_a_url_leaves_nothing(store, mirror):
 
 RACER = textwrap.dedent("""
     import os, sys, time
-    from pytest_nsbox.rootfs import RootfsStore
+    from pytest_nsbox.rootfs.store import RootfsStore
     while not os.path.exists(sys.argv[3]):
         time.sleep(0.001)
     print(RootfsStore(sys.argv[1], sys.argv[2]).resolve("alpine:3.19.4").tree)
@@ -212,8 +212,8 @@ def test_racing_processes_download_exactly_once(tmp_path, mirror):
 
 KILLED_MID_EXTRACT = textwrap.dedent("""
     import sys, time
-    from pytest_nsbox import archive
-    from pytest_nsbox.rootfs import RootfsStore
+    from pytest_nsbox.rootfs import archive
+    from pytest_nsbox.rootfs.store import RootfsStore
     real = archive.extract
     def slow(tarball, dest, **kwargs):
         real(tarball, dest, **kwargs)

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from pytest_nsbox import ConfigError, RootfsError
-from pytest_nsbox.alpine import mirror_url
-from pytest_nsbox.rootfs import RootfsStore
+from pytest_nsbox.rootfs.alpine import mirror_url
+from pytest_nsbox.rootfs.store import RootfsStore
 
 from .conftest import ALPINE_319, MIRROR
 from .mirror import serve
@@ -84,7 +84,7 @@ def test_a_cache_under_an_unreadable_parent_is_a_sentence(tmp_path, alpine_tarba
 FULL_DISK = textwrap.dedent("""
     import resource, signal, sys
     from pytest_nsbox import NsboxError
-    from pytest_nsbox.rootfs import RootfsStore
+    from pytest_nsbox.rootfs.store import RootfsStore
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
     resource.setrlimit(resource.RLIMIT_FSIZE, (64, 64))
     try:

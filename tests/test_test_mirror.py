@@ -6,8 +6,8 @@ import hashlib
 
 import pytest
 
-from pytest_nsbox.alpine import latest_minirootfs
-from pytest_nsbox.rootfs import RootfsStore
+from pytest_nsbox.rootfs.alpine import latest_minirootfs
+from pytest_nsbox.rootfs.store import RootfsStore
 
 from . import conftest
 from .mirror import serve

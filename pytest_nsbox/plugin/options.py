@@ -15,13 +15,13 @@ from typing import NamedTuple
 
 import pytest
 
-from .errors import NsboxError
-from .settings import DEFAULT_PIDS_MAX, SandboxSettings, parse_size
+from ..errors import NsboxError
+from ..settings import DEFAULT_PIDS_MAX, SandboxSettings, parse_size
 
 UNAVAILABLE_CHOICES = ("fail", "skip")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
-# A rootfs written like these is a spec, not a path (see pytest_nsbox.specs).
+# A rootfs written like these is a spec, not a path (see pytest_nsbox.rootfs.specs).
 _SPEC_WORDS = re.compile(r"^(alpine([:@].*)?|host|[a-z]+://.*)$")
 
 
@@ -143,7 +143,7 @@ class RunOptions(NamedTuple):
     loaded by every pytest run, and defining a dataclass costs a millisecond.)"""
 
     rootfs: str
-    cache_dir: str | None  # None: the default, $XDG_CACHE_HOME/pytest-nsbox (see rootfs.py)
+    cache_dir: str | None  # None: the default, $XDG_CACHE_HOME/pytest-nsbox (see rootfs/store.py)
     unavailable: str
     mirror: str | None
     offline: bool

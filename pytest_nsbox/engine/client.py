@@ -18,19 +18,19 @@ from dataclasses import dataclass
 from typing import IO, Any
 from collections.abc import Mapping
 
+from ..errors import SandboxSetupError, SandboxUnavailable
 from . import protocol, systemd
 from .caps import CapPlan
-from .errors import SandboxSetupError, SandboxUnavailable
 
 _Popen = subprocess.Popen
 _DEVNULL = subprocess.DEVNULL
-_PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
+_PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent.parent)
 _HANDSHAKE_TIMEOUT = 30.0
 #: The spawner answers a request in milliseconds (it never waits for a sandbox's setup).
 _REQUEST_TIMEOUT = 30.0
 _CLOSE_TIMEOUT = 5.0
 _BOOT = ("import sys; sys.path.insert(0, {path!r}); "
-         "from pytest_nsbox.spawner import main; main({fd})")
+         "from pytest_nsbox.engine.spawner import main; main({fd})")
 
 
 class Spawner:

@@ -17,11 +17,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import IO, Any, Union
 
+from ..errors import ConfigError, NsboxWarning, SandboxClosed, SandboxSetupError, SandboxUnavailable
+from ..rootfs.store import Rootfs, resolve
+from ..settings import BASE_ENV, DEFAULT_OUTPUT_MAX, DEFAULT_PIDS_MAX, Mount, SandboxSettings
 from . import caps, protocol
 from .client import Spawner
-from .errors import ConfigError, NsboxWarning, SandboxClosed, SandboxSetupError, SandboxUnavailable
-from .rootfs import Rootfs, resolve
-from .settings import BASE_ENV, DEFAULT_OUTPUT_MAX, DEFAULT_PIDS_MAX, Mount, SandboxSettings
 
 PIPE = subprocess.PIPE
 DEVNULL = subprocess.DEVNULL
@@ -37,7 +37,7 @@ _UNSET: Any = object()  # run(output_max=None) means "no cap", so "not given" ne
 
 
 def _output_max(value: int | str | None) -> int | None:
-    from .settings import parse_size
+    from ..settings import parse_size
     try:
         return parse_size(value)
     except ValueError as exc:

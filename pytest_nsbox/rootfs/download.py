@@ -10,7 +10,7 @@ from collections.abc import Callable
 from http.client import HTTPException
 from pathlib import Path
 
-from .errors import DigestMismatch, NetworkError, RemoteNotFound, RootfsError
+from ..errors import DigestMismatch, NetworkError, RemoteNotFound, RootfsError
 
 Progress = Callable[[str, int, "int | None"], None]
 _CHUNK = 1 << 16
@@ -18,7 +18,7 @@ TIMEOUT = 30.0
 
 
 def _open(url: str, timeout: float):
-    from . import __version__
+    from .. import __version__
     request = urllib.request.Request(url, headers={"User-Agent": f"pytest-nsbox/{__version__}"})
     try:
         return urllib.request.urlopen(request, timeout=timeout)  # noqa: S310 - http(s) only, by spec

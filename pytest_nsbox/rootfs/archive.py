@@ -23,7 +23,7 @@ import stat
 from pathlib import Path, PurePosixPath
 from typing import NamedTuple
 
-from .errors import ArchiveLimitError, ConfigError, RootfsError, UnsafeArchiveError
+from ..errors import ArchiveLimitError, ConfigError, RootfsError, UnsafeArchiveError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

@@ -18,13 +18,13 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from .errors import ConfigError, NsboxError, SandboxUnavailable
+from ..errors import ConfigError, NsboxError, SandboxUnavailable
+from ..settings import SandboxSettings
 from .options import RunOptions, add_options, human_size
-from .settings import SandboxSettings
 
 if TYPE_CHECKING:
-    from .rootfs import RootfsStore
-    from .sandbox import Sandbox
+    from ..engine.sandbox import Sandbox
+    from ..rootfs.store import RootfsStore
 
 MARKER_HELP = ("sandbox(isolate=False, **settings): configure this test's `sandbox` and "
                "`sandbox_factory` fixtures with the keywords of pytest_nsbox.Sandbox ("
@@ -51,8 +51,8 @@ def pytest_configure(config: pytest.Config) -> None:
                                 f"{debugger[0]} cannot reach your terminal: drop --nsbox-isolate to debug")
     # A bad run-wide setting is a usage error now, not in every test.
     options.defaults()
-    from .alpine import mirror_url
-    from .specs import parse as parse_spec
+    from ..rootfs.alpine import mirror_url
+    from ..rootfs.specs import parse as parse_spec
     try:
         mirror_url(options.mirror)
     except NsboxError as exc:
@@ -66,7 +66,7 @@ def pytest_configure(config: pytest.Config) -> None:
 def _store(config: pytest.Config) -> RootfsStore:
     """The rootfs store, made on first use (its module loads the cache and download code)."""
     if _STORE not in config.stash:
-        from .rootfs import RootfsStore
+        from ..rootfs.store import RootfsStore
         options = config.stash[_OPTIONS]
         config.stash[_STORE] = RootfsStore(options.cache_dir, options.mirror, options.offline,
                                            progress=_Progress(config))
@@ -102,7 +102,7 @@ def pytest_report_collectionfinish(config: pytest.Config, items: Sequence[pytest
     capped — once sandboxed tests are collected, so a run without any starts nothing."""
     if not any(_makes_sandboxes(item) for item in items):
         return []
-    from . import client
+    from ..engine import client
     options, store = config.stash[_OPTIONS], _store(config)
     cached = store.cached(options.rootfs)
     rootfs = cached.describe() if cached else f"{options.rootfs} (not cached yet: fetched on first use)"
@@ -192,7 +192,7 @@ def _isolated(item: pytest.Item) -> bool:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> bool | None:
-    """Isolated tests run their call in a sandbox (isolate.py); others run as pytest runs them."""
+    """Isolated tests run their call in a sandbox (isolate/protocol.py); others run as pytest runs them."""
     if not _isolated(item):
         return None
     config = item.config
@@ -200,7 +200,7 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
         # Only marked tests get here (run-wide isolation refuses --pdb): they run unisolated.
         item.warn(pytest.PytestWarning(f"{item.nodeid} runs without isolation under --pdb/--trace"))
         return None
-    from .isolate import Isolation, must_see, run_protocol
+    from ..isolate.protocol import Isolation, must_see, run_protocol
     config.stash[_ISOLATING] = True
     options = config.stash[_OPTIONS]
     try:
@@ -232,13 +232,13 @@ def pytest_runtestloop(session: pytest.Session) -> Iterator[Any]:
         return (yield)
     finally:
         if session.config.stash.get(_ISOLATING, False):
-            from .isolate import flush_coverage
+            from ..isolate.protocol import flush_coverage
             flush_coverage(session.config)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     if config.stash.get(_ISOLATING, False):
-        from .isolate import finish
+        from ..isolate.protocol import finish
         finish(config)
 
 
@@ -271,9 +271,9 @@ class SandboxFactory:
         pytest.fail(f"nsbox: {problem}", pytrace=False)
 
     def _make(self, settings: dict[str, Any]) -> Sandbox:
-        from . import client
-        from .rootfs import Rootfs
-        from .sandbox import Sandbox
+        from ..engine import client
+        from ..engine.sandbox import Sandbox
+        from ..rootfs.store import Rootfs
         resolved = SandboxSettings.from_kwargs(settings, defaults=self._options.defaults(),
                                                source=self._item.nodeid)
         probe = client.probe(resolved.network)

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import NamedTuple
 
-from .errors import ConfigError, RootfsError
+from ..errors import ConfigError, RootfsError
 
 DEFAULT_MIRROR = "https://dl-cdn.alpinelinux.org/alpine"
 

@@ -35,12 +35,13 @@ import pytest
 from _pytest.reports import TestReport
 from _pytest.runner import call_and_report, show_test_item
 
-from . import caps, confine, seccomp
+from ..engine import caps, seccomp
+from . import confine
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from .settings import SandboxSettings
+    from ..settings import SandboxSettings
 
 #: How long a killed test's sandbox may take to vanish before its report is made anyway.
 _KILL_PATIENCE = 10.0

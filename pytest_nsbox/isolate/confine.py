@@ -26,8 +26,8 @@ import select
 import signal
 import stat
 
-from . import kernel, layout, seccomp
-from .kernel import MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_PRIVATE, MS_REC
+from ..engine import kernel, layout, seccomp
+from ..engine.kernel import MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_PRIVATE, MS_REC
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .sandbox import Sandbox
+    from ..engine.sandbox import Sandbox
 
 
 def describe(sandboxes: Sequence[Sandbox]) -> str:

@@ -16,8 +16,8 @@ import re
 from pathlib import Path
 from typing import NamedTuple, Union
 
+from ..errors import ConfigError
 from .archive import ARCHIVE_SUFFIXES
-from .errors import ConfigError
 
 FORMS = ("alpine", "alpine:X.Y", "alpine:X.Y.Z", "alpine:X.Y.Z@sha256:HEX", "https://URL#sha256=HEX",
          "a local directory", f"a local tarball ({', '.join(ARCHIVE_SUFFIXES)})", "host")

@@ -38,8 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+from ..errors import ConfigError, NetworkError, NsboxError, RemoteNotFound, RootfsError, UnsafeCacheError
 from . import alpine
-from .errors import ConfigError, NetworkError, NsboxError, RemoteNotFound, RootfsError, UnsafeCacheError
 from .specs import AlpineSpec, HostSpec, PathSpec, RootfsSpec, UrlSpec, parse
 
 TYPE_CHECKING = False

@@ -1,0 +1,1 @@
+"""The sandbox engine: namespaces, the filesystem layout, init, the spawner, caps."""

@@ -1,0 +1,1 @@
+"""Isolate mode: a test's own call, run in a sandboxed copy of the pytest process."""

@@ -1,0 +1,1 @@
+"""The rootfs store: specs, downloads, archive checks, the content-addressed cache."""
