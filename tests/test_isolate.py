@@ -248,6 +248,20 @@ def test_what_a_test_started_is_gone_before_the_next_test_starts(pytester):
     pytester.runpytest_subprocess().assert_outcomes(passed=4)
 
 
+def test_a_project_reached_through_a_symlink_under_tmp_is_still_reached(pytester, tmp_path_factory,
+                                                                       monkeypatch):
+    link = tmp_path_factory.mktemp("links") / "project"
+    link.symlink_to(pytester.path)
+    (pytester.path / "data.txt").write_text("x")
+    pytester.makepyfile(textwrap.dedent(f"""
+        import os
+        def test_sees_the_project_through_the_link():
+            assert open({str(link / "data.txt")!r}).read() == "x"
+    """))
+    monkeypatch.setenv("PWD", str(link))  # as a shell that entered the link sets it
+    pytester.runpytest_subprocess("--nsbox-isolate").assert_outcomes(passed=1)
+
+
 def test_the_limits_hold_and_the_report_names_the_one_hit(pytester):
     pytester.makepyfile(textwrap.dedent("""
         import subprocess, time, pytest

@@ -65,11 +65,14 @@ def confine(uid: int, gid: int, writable: Sequence[str], visible: Sequence[str],
     holes = _take(writable)
     kernel.make_tree_read_only("/")
     holes += _take(_hidden(visible, [path for path, _fd in holes]))  # read-only clones now
+    links = _links([*writable, *visible])
     inodes = max(4096, tmpfs_size // 4096)
     for place in PRIVATE_PLACES:
         if os.path.isdir(place):
             kernel.mount("tmpfs", place, "tmpfs", MS_NOSUID | MS_NODEV,
                          f"mode=1777,size={tmpfs_size},nr_inodes={inodes}", operation=f"mount a private {place}")
+    for link, target in links:
+        _make_link(link, target)
     kernel.mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, operation="mount /proc")
     # Outer paths first: a writable basetemp inside a read-only project stays on top of it.
     for path, fd in sorted(holes, key=lambda hole: hole[0].count("/")):
@@ -112,6 +115,33 @@ def _hidden(paths: Sequence[str], writable: Sequence[str]) -> list[str]:
     return [path for path in dict.fromkeys(os.path.realpath(p) for p in paths)
             if any(under(path, place) for place in PRIVATE_PLACES)
             and not any(under(path, hole) for hole in writable)]
+
+
+def _links(paths: Sequence[str]) -> list[tuple[str, str]]:
+    """The symlinks under /tmp or /dev/shm on the way to these paths (a checkout reached through
+    /tmp/work -> /srv/work): made again in the private /tmp, so that the paths still lead there."""
+    links: dict[str, str] = {}
+    for path in paths:
+        path = os.path.abspath(path)
+        if not path.startswith(tuple(place + "/" for place in PRIVATE_PLACES)):
+            continue
+        parts = path.split("/")
+        for end in range(3, len(parts) + 1):
+            prefix = "/".join(parts[:end])
+            where = os.path.join(os.path.realpath(os.path.dirname(prefix)), parts[end - 1])
+            if where.startswith(tuple(place + "/" for place in PRIVATE_PLACES)) and os.path.islink(where):
+                links.setdefault(where, os.readlink(where))
+    return list(links.items())
+
+
+def _make_link(link: str, target: str) -> None:
+    try:
+        os.makedirs(os.path.dirname(link), 0o700, exist_ok=True)
+        os.symlink(target, link)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise kernel.KernelError(exc.errno or errno.EIO, "make again the symlink", link) from None
 
 
 def _make_mount_point(path: str, directory: bool) -> None:

@@ -62,7 +62,11 @@ def must_see(config: pytest.Config) -> tuple[str, ...]:
     """What an isolated test must still see if it lies under the private /tmp or /dev/shm: the
     project, the current directory, the interpreter, sys.path, and the packages imported so far
     (an editable install is found through an import hook, not sys.path)."""
-    seen = [str(config.rootpath), os.getcwd(), sys.prefix, sys.base_prefix, *sys.path]
+    cwd = os.getcwd()
+    seen = [str(config.rootpath), cwd, sys.prefix, sys.base_prefix, *sys.path]
+    shell_cwd = os.environ.get("PWD", "")  # the current directory as the user reached it: symlinks kept
+    if shell_cwd and os.path.realpath(shell_cwd) == cwd:
+        seen.append(shell_cwd)
     for name, module in list(sys.modules.items()):
         where = getattr(module, "__file__", None)
         if where and where.startswith(confine.PRIVATE_PLACES) and "." not in name:
