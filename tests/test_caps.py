@@ -276,6 +276,15 @@ def test_detect_root_without_cgroups_is_uncapped():
     assert "PIDs NOT capped" in plan.describe()
 
 
+def test_root_inside_an_isolated_test_is_capped_by_the_tests_cgroup():
+    plan = detect(euid=0, mountinfo="", environ={caps.ENCLOSING_ENV: "40"})
+    assert plan.mechanism == "enclosing"
+    assert plan.describe().startswith("PIDs capped by the cgroup of the isolated test this runs in")
+    assert "at 40 processes, shared with the test" in plan.describe()
+    # A normal user's RLIMIT_NPROC is the sandbox's own cap: it wins.
+    assert detect(euid=1000, mountinfo="", environ={caps.ENCLOSING_ENV: "40"}).mechanism == "rlimit"
+
+
 def test_global_root_is_told_apart_from_root_in_a_user_namespace():
     assert caps.is_global_root(owner_of_sysctls=0, euid=0)
     assert not caps.is_global_root(owner_of_sysctls=65534, euid=0)  # root of a nested namespace

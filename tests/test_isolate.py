@@ -369,10 +369,10 @@ def test_a_sandbox_inside_an_isolated_test_is_capped(pytester):
         @pytest.mark.sandbox(pids_max=40)
         def test_nested(sandbox_factory):
             box = sandbox_factory()  # made in the test's call, inside its sandbox
-            if os.getuid() != 0:
-                # root's processes are not bound by RLIMIT_NPROC, and the cgroup tree is read-only
-                # in here: the test's own cgroup caps the box, but the box cannot know it.
-                assert box.limits.pids_mechanism == "rlimit", box.limits.describe()
+            # root's processes are not bound by RLIMIT_NPROC, and the cgroup tree is read-only in
+            # here: the test's own cgroup caps the box, and says so.
+            expected = "enclosing" if os.getuid() == 0 else "rlimit"
+            assert box.limits.pids_mechanism == expected, box.limits.describe()
             with pytest.raises(subprocess.TimeoutExpired):
                 box.run("bomb() { bomb | bomb & }; bomb; sleep 60", timeout=2)
             assert box.run(["echo", "alive"]).stdout == "alive\\n"

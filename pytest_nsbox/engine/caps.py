@@ -41,6 +41,9 @@ TEST_PREFIX = "nsbox-test"
 # scope was wanted but could not be had.
 SCOPE_UNIT_ENV = "NSBOX_SCOPE_UNIT"
 SCOPE_NOTE_ENV = "NSBOX_SCOPE_NOTE"
+# Set by isolate mode in an isolated test whose own cgroup caps its processes: a sandbox made in
+# there, where the cgroup tree is read-only, is still capped by it (with the test, not alone).
+ENCLOSING_ENV = "NSBOX_ENCLOSING_PIDS_MAX"
 
 
 class CapPlan:
@@ -50,7 +53,7 @@ class CapPlan:
 
     def __init__(self, mechanism: str, parents: dict[str, str] | None = None, note: str = "",
                  owns_parents: bool = True):
-        self.mechanism = mechanism          # cgroup2 | cgroup1 | rlimit | none
+        self.mechanism = mechanism          # cgroup2 | cgroup1 | rlimit | enclosing | none
         self.parents = dict(parents or {})  # controller -> parent cgroup dir
         self.note = note
         # False for a scope or a directory the user delegated: not ours to remove.
@@ -77,6 +80,8 @@ class CapPlan:
             text = f"PIDs capped by {self.mechanism} ({where})"
         elif self.mechanism == "rlimit":
             text = "PIDs capped by RLIMIT_NPROC in the sandbox's user namespace"
+        elif self.mechanism == "enclosing":
+            text = "PIDs capped by the cgroup of the isolated test this runs in"
         else:
             text = "PIDs NOT capped"
         memory = "cgroup" if self.memory_mechanism.startswith("cgroup") else "RLIMIT_AS per process"
@@ -144,6 +149,9 @@ def detect(euid: int | None = None, mountinfo: str | None = None,
         return CapPlan("cgroup1", parents, note="; ".join(notable))
     if euid != 0:
         return CapPlan("rlimit", note="; ".join(notable + reasons) or "no writable cgroup")
+    enclosing = environ.get(ENCLOSING_ENV, "")
+    if enclosing.isdigit():
+        return CapPlan("enclosing", note=f"at {enclosing} processes, shared with the test")
     reasons.append("no writable cgroup with the pids controller, and RLIMIT_NPROC does not bind root")
     return CapPlan("none", note="; ".join(notable + reasons))
 

@@ -62,7 +62,7 @@ class Limits:
     """The caps a sandbox runs under, and the mechanism that enforces each."""
 
     pids_max: int | None
-    pids_mechanism: str      # cgroup2 | cgroup1 | rlimit | none
+    pids_mechanism: str      # cgroup2 | cgroup1 | rlimit | enclosing | none
     memory_max: int | None
     memory_mechanism: str | None
     cgroup: dict[str, str] | None = None
@@ -71,6 +71,8 @@ class Limits:
 
     def describe(self) -> str:
         pids = f"pids_max {self.pids_max} by {self.pids_mechanism}" if self.pids_max else "PIDs uncapped"
+        if self.pids_max and self.pids_mechanism == "enclosing":
+            pids = f"pids_max {self.pids_max}, under the cap of the isolated test's own cgroup"
         if self.pids_max and self.pids_mechanism == "none":
             pids = f"pids_max {self.pids_max} NOT enforced (no mechanism here)"
         memory = f"memory_max {self.memory_max // (1 << 20)} MB by {self.memory_mechanism}" \

@@ -248,6 +248,8 @@ def _child(item: pytest.Item, isolation: Isolation, plan: caps.CapPlan, ids: tup
                         caps.tmpfs_size(settings.tmpfs_size, settings.memory_max, caps.default_tmpfs_size()),
                         settings.pids_max, plan.mechanism == "rlimit",
                         settings.memory_max, plan.memory_mechanism == "rlimit", settings.seccomp)
+        if settings.pids_max and plan.mechanism.startswith("cgroup"):
+            os.environ[caps.ENCLOSING_ENV] = str(settings.pids_max)  # for sandboxes made in here
         # (cgroup v1: the parent moved us meanwhile; a move costs an RCU grace period, ~1-2 ms)
         if go >= 0 and os.read(go, 1) != b"g":
             raise RuntimeError("the test process could not place the test in its cgroup")
