@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shlex
+import subprocess
+import sys
 import textwrap
 
 import pytest
@@ -98,6 +101,85 @@ def test_failure_report_lists_sandbox_commands(pytester):
         "  $ echo 'apk: no such package' >&2; exit 3  -> exit 3*",
         "    stderr| apk: no such package",
     ])
+
+
+def test_the_report_ends_with_the_nsbox_shell_line_that_makes_the_sandbox_again(pytester):
+    pytester.makepyfile(textwrap.dedent("""
+        import pytest
+
+        @pytest.mark.sandbox(network="host", hostname="builder", pids_max=64, env={"MODE": "ci x"}, cwd="/tmp")
+        def test_fails(sandbox):
+            assert sandbox.run("false").returncode == 0
+    """))
+    result = pytester.runpytest_subprocess()
+    line = next(line for line in result.stdout.lines if line.startswith("  again: "))
+    assert line.endswith("--network host --hostname builder --pids-max 64 --env 'MODE=ci x' --cwd /tmp")
+    assert line.startswith("  again: nsbox shell --rootfs ")
+    # The line works: pasted into a terminal (here a pipe), it makes such a sandbox.
+    command = line.removeprefix("  again: ").replace("nsbox shell", "nsbox run", 1) + " -- sh -c 'hostname; echo $MODE; pwd'"
+    made = subprocess.run(f"{shlex.quote(sys.executable)} -m pytest_nsbox {command[len('nsbox '):]}",
+                          shell=True, capture_output=True, text=True, timeout=60)
+    assert made.stdout.splitlines() == ["builder", "ci x", "/tmp"], made.stderr
+
+
+def test_a_module_sandbox_used_by_a_failed_test_is_in_its_report(pytester):
+    pytester.makepyfile(textwrap.dedent("""
+        import pytest
+        from pytest_nsbox import Sandbox
+
+        @pytest.fixture(scope="module")
+        def shared(nsbox_defaults):
+            with Sandbox.from_settings(nsbox_defaults) as sb:
+                yield sb
+
+        def test_passes(shared):
+            shared.run("echo from the first test")
+
+        def test_fails(shared):
+            assert shared.run("echo second >&2; exit 4").returncode == 0
+    """))
+    result = pytester.runpytest_subprocess()
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*- nsbox sandbox commands (call) -*", "sandbox 1: rootfs *",
+                                 "  $ echo second >&2; exit 4  -> exit 4*", "    stderr| second", "  again: nsbox shell *"])
+    assert "from the first test" not in result.stdout.str()  # the other test's commands are its own
+
+
+def test_keep_on_failure_keeps_the_filesystem_for_the_shell_line(pytester):
+    pytester.makepyfile(textwrap.dedent("""
+        def test_fails(sandbox):
+            sandbox.write_file("/root/evidence", "what the test left")
+            assert False
+    """))
+    result = pytester.runpytest_subprocess("--nsbox-keep-on-failure", "--basetemp", str(pytester.path / "bt"))
+    kept = next(line.split(": ", 1)[1] for line in result.stdout.lines
+                if line.startswith("  its filesystem at the failure: "))
+    assert kept.startswith(str(pytester.path / "bt" / "nsbox-kept")) and kept.endswith(".tar")
+    line = next(line for line in result.stdout.lines if line.startswith("  again: "))
+    assert f"--rootfs {kept}" in line and "tar -c" not in result.stdout.str()
+    shown = subprocess.run([sys.executable, "-m", "pytest_nsbox", "run", "--rootfs", kept, "--",
+                            "cat", "/root/evidence"], capture_output=True, text=True, timeout=60)
+    assert shown.stdout == "what the test left", shown.stderr
+
+
+@pytest.mark.parametrize("mode, outcome", [("fail", "errors"), ("skip", "skipped")])
+def test_not_linux_fails_or_skips_sandboxed_tests_with_the_reason_and_leaves_the_rest(pytester, mode, outcome):
+    pytester.makeconftest("import sys\nsys.platform = 'darwin'  # as the plugin would find it on a Mac\n")
+    pytester.makepyfile(textwrap.dedent("""
+        import pytest
+
+        def test_plain():
+            pass
+
+        @pytest.mark.sandbox(network="host")
+        def test_sandboxed(sandbox):
+            pass
+    """))
+    result = pytester.runpytest_subprocess(f"--nsbox-unavailable={mode}", "-rs")
+    result.assert_outcomes(passed=1, **{outcome: 1})
+    result.stdout.fnmatch_lines(["*nsbox: this machine cannot make sandboxes: pytest-nsbox needs Linux "
+                                 "namespaces; this is darwin*"])
+    assert "Traceback" not in result.stdout.str()
 
 
 def test_factory_sandboxes_do_not_share_files(pytester):

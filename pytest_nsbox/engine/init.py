@@ -221,7 +221,7 @@ class Init:
             self._failed(request_id, exc.errno or 0, self._clone_failure(exc, argv))
             return
         if pid == 0:
-            _become(path, argv, env, cwd, stdio, err_w, limit)
+            _become(path, argv, env, cwd, stdio, err_w, limit, bool(message.get("tty")))
         os.close(pidfd)
         os.close(err_w)
         with os.fdopen(err_r, "rb") as f:
@@ -247,7 +247,7 @@ class Init:
 
 
 def _become(path: str, argv: list[str], env: dict[str, str], cwd: str, stdio: list[int | None],
-            err_w: int, memory_limit: int | None) -> None:
+            err_w: int, memory_limit: int | None, tty: bool = False) -> None:
     """In the cloned child, in its own user and mount namespaces: become the command.  Never returns.
 
     Until exec this process is a copy of init, and like init not dumpable, so not even init may
@@ -268,6 +268,10 @@ def _become(path: str, argv: list[str], env: dict[str, str], cwd: str, stdio: li
         devnull = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
         for target, fd in enumerate(stdio):
             os.dup2(devnull if fd is None else fd, target, inheritable=True)
+        if tty:
+            # A pty the caller opened for this command alone (`nsbox shell`), never the user's own
+            # terminal: what the command injects with TIOCSTI reaches only itself.
+            kernel.set_controlling_terminal(0)
         # Nothing but 0/1/2 crosses exec: not xdist's channels, not a lock file (CVE-2024-21626).
         os.closerange(3, err_w)
         os.closerange(err_w + 1, 1 << 20)

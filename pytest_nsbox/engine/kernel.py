@@ -134,8 +134,10 @@ def unshare_hint(err: int, flags: int) -> str:
     if err == errno.EINVAL and flags & CLONE_NEWUSER:
         return "a user namespace can only be made by a single-threaded process (this is a bug in pytest-nsbox)"
     if err == errno.ENOSPC:
-        return ("the user namespace limit is reached or zero: check `sysctl user.max_user_namespaces` "
-                "and raise it (e.g. `sysctl -w user.max_user_namespaces=15000`)")
+        if hints.read("/proc/sys/user/max_user_namespaces").strip() == "0":
+            return hints.userns_refused()  # zero: disabled, which it says with its fix
+        return ("the user namespace limit is reached: check `sysctl user.max_user_namespaces` "
+                "and raise it (e.g. `sudo sysctl -w user.max_user_namespaces=15000`)")
     if err in (errno.EPERM, errno.EACCES):
         return hints.userns_refused()
     return ""
@@ -336,6 +338,14 @@ def become_subreaper() -> None:
 
 def set_dumpable(flag: bool) -> None:
     prctl(PR_SET_DUMPABLE, int(flag))
+
+
+_TIOCSCTTY = 0x540E
+
+
+def set_controlling_terminal(fd: int) -> None:
+    """Make the terminal open on `fd` this session leader's controlling terminal."""
+    _check(_libc.ioctl(fd, _TIOCSCTTY, 0), "make the controlling terminal", fd_path(fd))
 
 
 def set_no_new_privs() -> None:

@@ -55,6 +55,12 @@ class CommandRecord:
     duration: float = 0.0
     exit: ExitInfo | None = None
     dropped: dict[str, int] = field(default_factory=dict)  # stream -> bytes beyond output_max
+    started: float = field(default_factory=time.time)
+
+
+#: Every started sandbox still referenced somewhere: a failed test's report names those it used,
+#: a module's or a session's included.
+LIVE: weakref.WeakSet[Sandbox] = weakref.WeakSet()
 
 
 @dataclass(frozen=True)
@@ -246,6 +252,7 @@ class Sandbox:
     def start(self) -> Sandbox:
         if self._channel is not None:
             return self
+        LIVE.add(self)
         rootfs = self.settings.rootfs
         self.rootfs = rootfs if isinstance(rootfs, Rootfs) else resolve(rootfs or "alpine",
                                                                         self.settings.cache_dir)
@@ -356,13 +363,15 @@ class Sandbox:
     # -- commands ---------------------------------------------------------------------------
     def spawn(self, args: Command, *, stdin: Any = None, stdout: Any = None, stderr: Any = None,
               env: Mapping[str, str] | None = None, cwd: str | None = None,
-              text: bool = True, shell: bool | None = None) -> SandboxProcess:
+              text: bool = True, shell: bool | None = None, tty: bool = False) -> SandboxProcess:
         """Start a command and return at once, like `subprocess.Popen`.
 
         stdin/stdout/stderr take None (stdin: /dev/null; stdout/stderr: this process's own, so
         pytest captures them), PIPE, DEVNULL, STDOUT (stderr only), a file object or an fd.  A str
         runs through `/bin/sh -c` unless `shell=False`; `shell=True` with a list runs its first item
-        through the shell with the rest as arguments, as in `subprocess`.
+        through the shell with the rest as arguments, as in `subprocess`.  `tty=True` makes stdin,
+        which must be a terminal (the slave of a pty you opened), the command's controlling
+        terminal: job control and ^C work as in a login shell (`nsbox shell` does this).
         """
         __tracebackhide__ = True
         channel = self._live_channel()
@@ -370,7 +379,7 @@ class Sandbox:
         streams = _Streams.make(stdin, stdout, stderr)
         request_id = channel.next_id()
         message = {"op": "exec", "id": request_id, "argv": argv, "env": self._env(env),
-                   "cwd": cwd or self.settings.cwd, "stdio": streams.layout()}
+                   "cwd": cwd or self.settings.cwd, "stdio": streams.layout(), "tty": bool(tty)}
         try:
             channel.send(message, streams.child_fds)
         finally:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -107,7 +108,7 @@ def pytest_report_collectionfinish(config: pytest.Config, items: Sequence[pytest
     cached = store.cached(options.rootfs)
     rootfs = cached.describe() if cached else f"{options.rootfs} (not cached yet: fetched on first use)"
     probe = client.probe("none")
-    state = "available" if probe.ok else f"UNAVAILABLE: {probe.error}"
+    state = "available" if probe.ok else f"UNAVAILABLE: {probe.error} (`nsbox doctor` checks each step)"
     lines = [f"nsbox: rootfs {rootfs}; cache {store.cache_dir}" + ("; offline" if options.offline else ""),
              f"nsbox: namespaces user,mnt,pid,ipc,uts,cgroup,net: {state}"]
     if probe.caps is not None:
@@ -153,10 +154,22 @@ class _Progress:
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[Any]:
     report = yield
-    sandboxes = item.stash.get(_SANDBOXES, [])
-    if report.failed and any(sb.history for sb in sandboxes):
-        from .report import describe
-        report.sections.append((f"nsbox sandbox commands ({report.when})", describe(sandboxes)))
+    if not report.failed or "pytest_nsbox.engine.sandbox" not in sys.modules:
+        return report  # (a run that made no sandbox loads nothing for its failures)
+    from ..engine.sandbox import LIVE
+    own = item.stash.get(_SANDBOXES, [])
+    # The test's own sandboxes, and those of module or session fixtures it ran commands in.
+    used = [(sb, 0.0) for sb in own if sb.history]
+    used += [(sb, call.start) for sb in list(LIVE) if sb not in own
+             and any(record.started >= call.start for record in sb.history)]
+    if used:
+        from .report import describe, keep
+        kept = {}
+        if item.config.stash[_OPTIONS].keep_on_failure:
+            where = item.config._tmp_path_factory.getbasetemp() / "nsbox-kept"  # type: ignore[attr-defined]
+            kept = {id(sb): keep(sb, where, f"{item.nodeid}-{number}")
+                    for number, (sb, _since) in enumerate(used, 1) if sb in own}
+        report.sections.append((f"nsbox sandbox commands ({report.when})", describe(used, kept)))
     return report
 
 

@@ -59,6 +59,8 @@ OPTIONS = (
     Option("require_caps", "fail sandboxed tests where PIDs cannot be capped"),
     Option("unavailable", "what sandboxed tests do where this machine cannot make sandboxes: "
            "fail (default) or skip", "MODE", UNAVAILABLE_CHOICES),
+    Option("keep_on_failure", "keep a failed test's sandbox filesystem as a tarball in the basetemp, "
+           "for the `nsbox shell` line of its report"),
     Option("isolate", "run every test in a sandbox of its own (docs/isolate.md)"),
     Option("isolate_writable", "a path isolated tests may write, besides pytest's basetemp "
            "(repeatable; ini: one per line; env: separated by ':')", "PATH"),
@@ -151,6 +153,7 @@ class RunOptions(NamedTuple):
     memory_max: int | None
     timeout: float | None
     require_caps: bool
+    keep_on_failure: bool
     isolate: bool
     isolate_writable: tuple[str, ...]
 
@@ -170,6 +173,7 @@ class RunOptions(NamedTuple):
                    memory_max=_size(*read.get("memory_max")),
                    timeout=_seconds(*read.get("timeout")),
                    require_caps=read.flag("require_caps"),
+                   keep_on_failure=read.flag("keep_on_failure"),
                    isolate=read.flag("isolate"),
                    isolate_writable=read.paths("isolate_writable"))
 

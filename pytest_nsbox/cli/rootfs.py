@@ -1,4 +1,4 @@
-"""The `nsbox` command (also `python -m pytest_nsbox`).
+"""`nsbox rootfs`: the cache of root filesystems.
 
     nsbox rootfs pull SPEC             fetch and extract a rootfs into the cache (refreshes alpine:X.Y)
     nsbox rootfs path SPEC             print the cached tree of SPEC (fetching it if needed)
@@ -16,12 +16,11 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import ConfigError, NsboxError
-from .rootfs.archive import ARCHIVE_SUFFIXES
-from .rootfs.store import RootfsStore, default_cache_dir
+from ..errors import ConfigError
+from ..rootfs.archive import ARCHIVE_SUFFIXES
+from ..rootfs.store import RootfsStore, default_cache_dir
 
 SPEC_HELP = """\
 SPEC is one of:
@@ -62,13 +61,9 @@ def _keep(text: str) -> int:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-    parser = argparse.ArgumentParser(prog="nsbox", description="pytest-nsbox sandboxes and their root filesystems")
-    parser.add_argument("--version", action="version", version=f"nsbox (pytest-nsbox) {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
-    # The cache options are accepted before and after the action; SUPPRESS keeps the action's
-    # parser from resetting what was given before it.
+def cache_options() -> argparse.ArgumentParser:
+    """The cache options, accepted before and after the action: SUPPRESS keeps the action's parser
+    from resetting what was given before it."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--cache-dir", default=argparse.SUPPRESS, metavar="DIR",
                         help="the cache (default: $NSBOX_CACHE_DIR, else the project's nsbox_cache_dir, "
@@ -78,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "nsbox_alpine_mirror, else https://dl-cdn.alpinelinux.org/alpine)")
     common.add_argument("--offline", action="store_true", default=argparse.SUPPRESS,
                         help="never download: use the cache only")
+    return common
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    common = cache_options()
     rootfs = commands.add_parser("rootfs", parents=[common], help="manage the rootfs cache",
                                  description="Manage the cache of root filesystems.")
     actions = rootfs.add_subparsers(dest="action", required=True)
@@ -93,30 +93,24 @@ def build_parser() -> argparse.ArgumentParser:
     which = prune.add_mutually_exclusive_group(required=True)
     which.add_argument("--all", action="store_true", help="remove every cached tree")
     which.add_argument("--keep", type=_keep, metavar="N", help="keep the N most recently used trees")
-    return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        store = _store(args)
-        if args.action == "pull":
-            rootfs = store.resolve(args.spec, refresh=True)
-            print(f"{rootfs.describe()}\n{rootfs.tree}")
-        elif args.action == "path":
-            print(store.resolve(args.spec).tree)
-        elif args.action == "list":
-            _list(store)
-        elif args.action == "prune":
-            for entry in store.prune(0 if args.all else args.keep):
-                print(f"removed {entry.tree}")
-    except NsboxError as exc:
-        print(f"nsbox: {exc}", file=sys.stderr)
-        return 1
+def run(args: argparse.Namespace) -> int:
+    store = store_for(args)
+    if args.action == "pull":
+        rootfs = store.resolve(args.spec, refresh=True)
+        print(f"{rootfs.describe()}\n{rootfs.tree}")
+    elif args.action == "path":
+        print(store.resolve(args.spec).tree)
+    elif args.action == "list":
+        _list(store)
+    elif args.action == "prune":
+        for entry in store.prune(0 if args.all else args.keep):
+            print(f"removed {entry.tree}")
     return 0
 
 
-def _store(args: argparse.Namespace) -> RootfsStore:
+def store_for(args: argparse.Namespace) -> RootfsStore:
     ini = project_settings(Path.cwd())
     cache_dir = getattr(args, "cache_dir", None) or os.environ.get("NSBOX_CACHE_DIR") \
         or ini.get("nsbox_cache_dir") or default_cache_dir()
@@ -194,6 +188,3 @@ def _list(store: RootfsStore) -> None:
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
 
-
-if __name__ == "__main__":
-    sys.exit(main())

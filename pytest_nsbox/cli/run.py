@@ -1,0 +1,207 @@
+"""`nsbox run` and `nsbox shell`: a command, or an interactive shell, in a fresh sandbox.
+
+    nsbox run [--rootfs SPEC] [--network none|host] [--pids-max N] [--memory-max SIZE] [--timeout S]
+              [--bind SRC:DST[:rw]] [--env K=V] [--cwd DIR] [--hostname NAME] -- CMD [ARGS...]
+    nsbox shell [same options] [-- SHELL [ARGS...]]
+
+`run` connects the command to this terminal's stdin, stdout and stderr and exits with its status
+(128+N when signal N ended it, as a shell says). `shell` gives the shell a terminal of its own (a
+pty, with job control, ^C and window resizes), whatever this one is. A failed test's report ends
+with the `nsbox shell` line that makes its sandbox again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import select
+import signal
+import sys
+from typing import Any
+
+from ..settings import DEFAULT_PIDS_MAX
+from .rootfs import cache_options, store_for
+
+#: What `run` and `shell` exit with when nsbox itself failed (as `env` and `docker run` do).
+SETUP_FAILED = 125
+
+
+def add_parsers(commands: argparse._SubParsersAction) -> None:
+    common = argparse.ArgumentParser(add_help=False, parents=[cache_options()])
+    common.add_argument("--rootfs", default=None, metavar="SPEC",
+                        help="the root filesystem (default: $NSBOX_ROOTFS, else alpine; see `nsbox rootfs pull --help`)")
+    common.add_argument("--network", choices=("none", "host"), default="none",
+                        help="none: a private loopback (default); host: the host's network")
+    common.add_argument("--hostname", default="nsbox")
+    common.add_argument("--pids-max", default=str(DEFAULT_PIDS_MAX), metavar="N|none",
+                        help=f"the most processes at once (default {DEFAULT_PIDS_MAX})")
+    common.add_argument("--memory-max", default=None, metavar="SIZE", help="memory cap, e.g. 256M")
+    common.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                        help="the sandbox's lifetime: everything in it is killed then")
+    common.add_argument("--bind", action="append", default=[], metavar="SRC:DST[:rw]",
+                        help="bind a host path in (read-only unless :rw); repeatable")
+    common.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                        help="set a variable for the command; repeatable")
+    common.add_argument("--cwd", default=None, metavar="DIR", help="the command's directory in the sandbox")
+    common.add_argument("--no-seccomp", action="store_true", help="run without the syscall filter")
+    run = commands.add_parser("run", parents=[common], help="run a command in a fresh sandbox",
+                              description="Run a command in a fresh sandbox, connected to this terminal; "
+                                          "nsbox exits with its status.")
+    run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+    shell = commands.add_parser("shell", parents=[common], help="an interactive shell in a fresh sandbox",
+                                description="An interactive shell in a fresh sandbox, on a terminal of its own.")
+    shell.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- SHELL [ARGS...]")
+
+
+def sandbox_keywords(args: argparse.Namespace) -> dict[str, Any]:
+    """The `Sandbox(...)` keywords the options say; bad values raise ConfigError from Sandbox."""
+    from ..errors import ConfigError
+    env = {}
+    for item in args.env:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ConfigError(f"--env takes NAME=VALUE, not {item!r}")
+        env[name] = value
+    mounts = []
+    for item in args.bind:
+        parts = item.split(":")
+        if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("rw", "ro")) or not all(parts[:2]):
+            raise ConfigError(f"--bind takes SRC:DST or SRC:DST:rw, not {item!r}")
+        mounts.append((os.path.abspath(parts[0]), parts[1], *(["rw"] if parts[2:] == ["rw"] else [])))
+    store = store_for(args)
+    spec = args.rootfs or os.environ.get("NSBOX_ROOTFS") or "alpine"
+    return {"rootfs": store.resolve(spec), "network": args.network, "hostname": args.hostname,
+            "pids_max": None if args.pids_max == "none" else _int(args.pids_max, "--pids-max"),
+            "memory_max": args.memory_max, "timeout": args.timeout, "mounts": mounts, "env": env,
+            "cwd": args.cwd or "/", "seccomp": not args.no_seccomp}
+
+
+def _int(text: str, option: str) -> int:
+    from ..errors import ConfigError
+    if not text.isdigit() or int(text) < 1:
+        raise ConfigError(f"{option} takes a number of processes (1 or more) or none, not {text!r}")
+    return int(text)
+
+
+def _command(argv: list[str]) -> list[str]:
+    return argv[1:] if argv[:1] == ["--"] else argv
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..engine.sandbox import Sandbox
+    from ..errors import ConfigError
+    argv = _command(args.argv)
+    if not argv:
+        raise ConfigError("nsbox run needs a command: nsbox run [OPTIONS] -- CMD [ARGS...]")
+    with Sandbox(**sandbox_keywords(args)) as box:
+        try:
+            process = box.spawn(argv, stdin=sys.stdin, stdout=sys.stdout, stderr=sys.stderr, shell=False)
+        except FileNotFoundError as exc:
+            print(f"nsbox: {exc}", file=sys.stderr)
+            return 127
+        with _forwarding_signals(process):
+            code = process.wait()
+    return _exit_status(code)
+
+
+def shell(args: argparse.Namespace) -> int:
+    from ..engine.sandbox import Sandbox
+    argv = _command(args.argv) or ["/bin/sh", "-l"]
+    master, slave = os.openpty()
+    try:
+        _copy_window_size(sys.stdin.fileno(), slave)
+        env = {"TERM": os.environ.get("TERM", "xterm")}
+        with Sandbox(**sandbox_keywords(args)) as box:
+            try:
+                process = box.spawn(argv, stdin=slave, stdout=slave, stderr=slave, env=env, shell=False, tty=True)
+            except FileNotFoundError as exc:
+                print(f"nsbox: {exc}", file=sys.stderr)
+                return 127
+            os.close(slave)
+            slave = -1
+            _relay(master, process)
+            code = process.wait()
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
+    return _exit_status(code)
+
+
+def _exit_status(code: int) -> int:
+    return 128 - code if code < 0 else code
+
+
+class _forwarding_signals:
+    """SIGINT, SIGTERM and SIGHUP sent to nsbox go to the command, which decides."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self, process: Any) -> None:
+        self.process = process
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> None:
+        for sig in self.SIGNALS:
+            self.previous[sig] = signal.signal(sig, lambda number, _frame: self.process.send_signal(number))
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def _copy_window_size(source: int, target: int) -> None:
+    import fcntl
+    import termios
+    try:
+        size = fcntl.ioctl(source, termios.TIOCGWINSZ, b"\0" * 8)
+    except OSError:
+        return  # not a terminal: the pty keeps its default size
+    fcntl.ioctl(target, termios.TIOCSWINSZ, size)
+
+
+def _relay(master: int, process: Any) -> None:
+    """Between this terminal (raw, if it is one) and the shell's pty, until the shell has ended and
+    said all it had to say (a background job that keeps the pty open does not hold us)."""
+    import termios
+    import tty
+    stdin, stdout = sys.stdin.fileno(), sys.stdout.fileno()
+    saved = None
+    if os.isatty(stdin):
+        saved = termios.tcgetattr(stdin)
+        tty.setraw(stdin)
+    previous = signal.signal(signal.SIGWINCH, lambda *_: _copy_window_size(stdin, master))
+    watched = [master, stdin]
+    try:
+        while True:
+            try:
+                ready, _, _ = select.select(watched, [], [], 0.2)
+            except InterruptedError:
+                continue
+            if not ready and process.poll() is not None:
+                return
+            if master in ready:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # EIO: every process holding the pty's other side is gone
+                    data = b""
+                if not data:
+                    return
+                _write_all(stdout, data)
+            if stdin in ready:
+                data = os.read(stdin, 65536)
+                if data:
+                    _write_all(master, data)
+                else:  # our stdin ended: end the shell's input too
+                    watched.remove(stdin)
+                    _write_all(master, b"\x04")
+    finally:
+        signal.signal(signal.SIGWINCH, previous)
+        if saved is not None:
+            termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
