@@ -31,6 +31,7 @@ import pwd
 import re
 import resource
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -308,6 +309,101 @@ def bench_isolate(tree: str, runner: list[str], tests: int, repeats: int, ballas
             "cpu_ms_per_test": (isolated_cpu - plain_cpu) / tests * 1000}
 
 
+# -- published ports: forwarded into a private network vs a direct loopback connection ----------------
+SERVERS = """
+import socket, sys, threading
+def echo(c):
+    while True:
+        d = c.recv(65536)
+        if not d:
+            return
+        c.sendall(d)
+def sink(c):
+    while c.recv(1 << 20):
+        pass
+    c.close()
+def serve(port, handle):
+    s = socket.create_server(("127.0.0.1", port))
+    while True:
+        c, _ = s.accept()
+        threading.Thread(target=handle, args=(c,), daemon=True).start()
+threading.Thread(target=serve, args=(int(sys.argv[2]), sink), daemon=True).start()
+serve(int(sys.argv[1]), echo)
+"""
+
+
+def bench_ports(tree: str, runner: list[str], rounds: int, megabytes: int) -> dict:
+    return _worker(runner, tree, "ports", rounds, megabytes)
+
+
+def run_ports(rounds: int, megabytes: int) -> dict:
+    """Round trips of 64 bytes and a one-way transfer, to servers on the host's loopback and to the
+    same servers in a sandbox's private network through published ports; interleaved rounds."""
+    from pytest_nsbox import Sandbox
+    python = shutil.which("python3", path="/usr/bin:/bin") or sys.executable
+    results: dict[str, dict[str, list[float]]] = {k: {"rtt_us": [], "mb_s": [], "cpu_s_per_gb": []}
+                                                  for k in ("direct loopback", "published port")}
+    free = [socket.create_server(("127.0.0.1", 0)) for _ in range(2)]
+    ports = [s.getsockname()[1] for s in free]
+    for s in free:
+        s.close()
+    host_servers = subprocess.Popen([python, "-c", SERVERS, *map(str, ports)])
+    try:
+        with Sandbox(rootfs="host", network="none", pids_max=64) as box:
+            box.spawn([python, "-c", SERVERS, "8080", "8081"])
+            forwarded = (box.wait_for_port(8080, timeout=20), box.wait_for_port(8081, timeout=20))
+            _wait_for(("127.0.0.1", ports[0]))
+            targets = {"direct loopback": (("127.0.0.1", ports[0]), ("127.0.0.1", ports[1])),
+                       "published port": forwarded}
+            for _ in range(rounds):
+                for name, (echo, sink) in targets.items():
+                    results[name]["rtt_us"].append(_round_trips(echo, 500))
+                    seconds, cpu = _transfer(sink, megabytes)
+                    results[name]["mb_s"].append(megabytes / seconds)
+                    results[name]["cpu_s_per_gb"].append(cpu / megabytes * 1024)
+    finally:
+        host_servers.kill()
+        host_servers.wait()
+    return {name: {k: statistics.median(v) for k, v in data.items()} for name, data in results.items()}
+
+
+def _wait_for(address: tuple[str, int]) -> None:
+    for _ in range(200):
+        try:
+            socket.create_connection(address, timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.02)
+
+
+def _round_trips(address: tuple[str, int], count: int) -> float:
+    with socket.create_connection(address) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        payload, times = b"x" * 64, []
+        for _ in range(count):
+            started = time.perf_counter()
+            sock.sendall(payload)
+            got = 0
+            while got < 64:
+                got += len(sock.recv(64 - got))
+            times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1e6
+
+
+def _transfer(address: tuple[str, int], megabytes: int) -> tuple[float, float]:
+    """Seconds to push `megabytes` through to the sink and see it close; the CPU this process (the
+    client and, for a published port, the relay's threads) spent on it."""
+    chunk = b"\0" * (1 << 20)
+    cpu = time.process_time()
+    started = time.perf_counter()
+    with socket.create_connection(address) as sock:
+        for _ in range(megabytes):
+            sock.sendall(chunk)
+        sock.shutdown(socket.SHUT_WR)
+        sock.recv(1)
+    return time.perf_counter() - started, time.process_time() - cpu
+
+
 def _pytest_env(tree: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in BENCH_ENV_DROP}
     return {**env, "NSBOX_ROOTFS": tree, "PYTHONPATH": str(REPO)}
@@ -566,6 +662,16 @@ def report(results: dict) -> str:
                      f"{iso['plain_s']:.2f} s without, {iso['isolated_s']:.2f} s with", "",
                      "≤ 5 ms at 200 MB" if iso["ballast_mb"] else "",
                      ok(iso["overhead_ms_per_test"], TARGETS["isolate_ms"]) if iso["ballast_mb"] else ""))
+    ports = results.get("ports")
+    if ports:
+        direct, published = ports["direct loopback"], ports["published port"]
+        rows.append(("published port: 64-byte round trip", f"{published['rtt_us']:.0f} µs", "",
+                     f"{published['rtt_us'] / direct['rtt_us']:.2f} × direct loopback ({direct['rtt_us']:.0f} µs)",
+                     "", "", ""))
+        rows.append(("published port: throughput", f"{published['mb_s']:.0f} MB/s",
+                     f"{published['cpu_s_per_gb']:.2f} s/GB",
+                     f"{published['mb_s'] / direct['mb_s']:.2f} × direct loopback ({direct['mb_s']:.0f} MB/s)",
+                     f"{direct['cpu_s_per_gb']:.2f} s/GB direct", "", ""))
     plugin = results["plugin"]
     rows.append(("**target**: the plugin's fixed cost per pytest run", f"{plugin['cost_ms']:.1f} ms", "",
                  f"{plugin['plain_ms']:.0f} ms with `-p no:nsbox`", "", "≤ 10 ms", ok(plugin["cost_ms"], TARGETS["plugin_ms"])))
@@ -680,6 +786,7 @@ def main() -> int:
         ("fixture_20ms", lambda: bench_fixture(tree, runner, 20 if q else 300, 1 if q else 3, 20)),
         ("isolate", lambda: bench_isolate(tree, runner, 20 if q else 300, 1 if q else 3, 0)),
         ("isolate_200mb", lambda: bench_isolate(tree, runner, 20 if q else 300, 1 if q else 3, 200)),
+        ("ports", lambda: bench_ports(tree, runner, 2 if q else 5, 64 if q else 512)),
         ("scaling", lambda: bench_scaling(tree, runner, 10 if q else 100, [50, 500] if q else [50, 500, 2000])),
         ("rootfs", lambda: bench_rootfs(runner, args.tarball, cache, 2 if q else 10)),
         ("idle", lambda: bench_idle(tree, runner, 5 if q else 50)),
@@ -711,6 +818,8 @@ def run_worker(args: argparse.Namespace) -> int:
         print(json.dumps(run_threads(args.tree, args.count, args.ballast_mb)))
     elif args.worker == "idle":
         run_idle(args.tree, args.count)
+    elif args.worker == "ports":
+        print(json.dumps(run_ports(args.count, args.ballast_mb)))
     elif args.worker == "soak":
         print(json.dumps(run_soak(args.tree, args.count)))
     elif args.worker == "warm":

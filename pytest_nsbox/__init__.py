@@ -13,12 +13,12 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["ConfigError", "Mount", "NsboxError", "NsboxWarning", "RootfsError", "Sandbox", "SandboxClosed",
+__all__ = ["ConfigError", "Mount", "NsboxError", "NsboxWarning", "PublishedPort", "RootfsError", "Sandbox", "SandboxClosed",
            "SandboxProcess", "SandboxSettings", "SandboxSetupError", "SandboxUnavailable",
            "UnsafeArchiveError"]
 
 _HOMES = {
-    "Sandbox": "engine.sandbox", "SandboxProcess": "engine.sandbox",
+    "Sandbox": "engine.sandbox", "SandboxProcess": "engine.sandbox", "PublishedPort": "engine.services",
     "Mount": "settings", "SandboxSettings": "settings",
     "NsboxError": "errors", "NsboxWarning": "errors", "ConfigError": "errors", "RootfsError": "errors", "UnsafeArchiveError": "errors",
     "SandboxClosed": "errors", "SandboxSetupError": "errors", "SandboxUnavailable": "errors",
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from .engine.sandbox import Sandbox, SandboxProcess
+    from .engine.services import PublishedPort
     from .errors import (ConfigError, NsboxError, NsboxWarning, RootfsError, SandboxClosed,
                          SandboxSetupError, SandboxUnavailable, UnsafeArchiveError)
     from .settings import Mount, SandboxSettings

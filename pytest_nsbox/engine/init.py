@@ -135,9 +135,24 @@ class Init:
                 self.start(message, fds)
             elif op == "signal":
                 self.signal(message["pid"], message["signal"], message.get("session", False))
+            elif op == "socket":
+                self.make_socket(message["id"])
         finally:
             for fd in fds:
                 os.close(fd)
+
+    def make_socket(self, request_id: int) -> None:
+        """A TCP socket made in the sandbox's network namespace, for the owner: what it connects to
+        is the sandbox's 127.0.0.1 (published ports; readiness checks)."""
+        try:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        except OSError as exc:
+            self._failed(request_id, exc.errno or 0, f"cannot make a socket in the sandbox: {exc}")
+            return
+        try:
+            protocol.send(self.sock, {"op": "socket", "id": request_id}, [sock.fileno()])
+        finally:
+            sock.close()
 
     def reap(self) -> None:
         for pid, status in kernel.reap_children():

@@ -20,8 +20,9 @@ from typing import IO, Any, Union
 from ..errors import ConfigError, NsboxWarning, SandboxClosed, SandboxSetupError, SandboxUnavailable
 from ..rootfs.store import Rootfs, resolve
 from ..settings import BASE_ENV, DEFAULT_OUTPUT_MAX, DEFAULT_PIDS_MAX, Mount, SandboxSettings
-from . import caps, protocol
+from . import caps, protocol, services
 from .client import Spawner
+from .services import PublishedPort
 
 PIPE = subprocess.PIPE
 DEVNULL = subprocess.DEVNULL
@@ -168,18 +169,20 @@ class _Channel:
                     continue
                 except OSError:
                     message, fds = None, []
-                for fd in fds:
-                    os.close(fd)
                 if message is None:
                     self.eof = True
                     return
-                self._dispatch(message)
+                self._dispatch(message, fds)
         finally:
             self.lock.release()
 
-    def _dispatch(self, message: dict[str, Any]) -> None:
+    def _dispatch(self, message: dict[str, Any], fds: list[int]) -> None:
         op = message.get("op")
-        if op in ("started", "failed"):
+        if op == "socket" and len(fds) == 1:
+            message["fd"] = fds.pop()  # the waiter takes it
+        for fd in fds:
+            os.close(fd)
+        if op in ("started", "failed", "socket"):
             self.replies[message["id"]] = message
         elif op == "exited":
             self.exits[message["pid"]] = message["returncode"]
@@ -235,6 +238,7 @@ class Sandbox:
         self._deadline: float | None = None
         self._pidfd = -1
         self._finalizer: weakref.finalize | None = None
+        self._ports: dict[int, services.Forwarder] = {}
 
     @classmethod
     def from_settings(cls, settings: SandboxSettings) -> Sandbox:
@@ -317,6 +321,9 @@ class Sandbox:
         channel, self._channel = self._channel, None
         if channel is None:
             return
+        for forwarder in self._ports.values():
+            forwarder.close()
+        self._ports.clear()
         for process in self._processes:
             process._close_pipes()
         self._processes.clear()
@@ -336,6 +343,51 @@ class Sandbox:
     @property
     def closed(self) -> bool:
         return self._channel is None
+
+    # -- servers --------------------------------------------------------------------------------
+    def port(self, port: int) -> PublishedPort:
+        """Publish the sandbox's TCP `port` on the host: `(host, port)` on 127.0.0.1, a port the
+        kernel picks (no clash between xdist workers), forwarded to whatever listens on the
+        sandbox's own 127.0.0.1:`port`, now or later. With network="host" it is the port itself."""
+        __tracebackhide__ = True
+        _check_port(port)
+        self._live_channel()
+        if self.settings.network == "host":
+            return PublishedPort("127.0.0.1", port)
+        if port not in self._ports:
+            self._ports[port] = services.Forwarder(port, self._inner_socket)
+        return self._ports[port].published
+
+    def wait_for_port(self, port: int, timeout: float = 10.0, process: SandboxProcess | None = None) -> PublishedPort:
+        """Wait until something in the sandbox accepts connections on `port`; its published address.
+        TimeoutError if not within `timeout`, at once if `process` (the server) exits first."""
+        __tracebackhide__ = True
+        _check_port(port)
+        _check_timeout(timeout)
+
+        def gone() -> str | None:
+            self._live_channel()  # a closed or expired sandbox: SandboxClosed, now
+            if process is not None and process.poll() is not None:
+                return f"its server `{_shell_form(process.args)}` exited with status {process.returncode}"
+            return None
+        inner = socket.socket if self.settings.network == "host" else self._inner_socket
+        services.wait_until_connectable(inner, port, timeout, gone)
+        return self.port(port)
+
+    def _inner_socket(self) -> socket.socket:
+        """A TCP socket made by init in the sandbox's network namespace."""
+        channel = self._live_channel()
+        request_id = channel.next_id()
+        channel.send({"op": "socket", "id": request_id})
+        channel.wait_for(lambda: request_id in channel.replies or channel.eof, _ANSWER_TIMEOUT)
+        reply = channel.replies.pop(request_id, None)
+        if reply is None:
+            self._live_channel()
+            raise SandboxSetupError(f"the sandbox's init (pid {self.init_pid}) did not answer within "
+                                    f"{_ANSWER_TIMEOUT:g} s")
+        if reply["op"] == "failed":
+            raise OSError(reply.get("errno") or errno.EIO, reply["error"])
+        return socket.socket(fileno=reply["fd"])
 
     def _live_channel(self) -> _Channel:
         __tracebackhide__ = True
@@ -534,6 +586,16 @@ class SandboxProcess:
         self.stdin: IO[Any] | None = streams.open_parent("stdin", text)
         self.stdout: IO[Any] | None = streams.open_parent("stdout", text)
         self.stderr: IO[Any] | None = streams.open_parent("stderr", text)
+        #: What wait_for_output() read from each stream (a pipe gives its data only once).
+        self.output_seen: dict[str, str] = {}
+
+    def wait_for_output(self, pattern: str | re.Pattern[str], timeout: float = 10.0,
+                        stream: str = "stdout") -> re.Match[str]:
+        """Read the command's `stream` (spawned with PIPE) until `pattern` matches; the match.
+        TimeoutError, with the last lines it printed, if not within `timeout` or if it exits first."""
+        __tracebackhide__ = True
+        _check_timeout(timeout)
+        return services.wait_for_output(self, pattern, timeout, stream)
 
     def poll(self) -> int | None:
         if self.returncode is None:
@@ -767,6 +829,11 @@ def _argv(args: Command, shell: bool | None = None) -> list[str]:
     if shell or (shell is None and isinstance(args, str)):
         return ["/bin/sh", "-c", *argv]
     return argv
+
+
+def _check_port(port: object) -> None:
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+        raise ConfigError(f"a port is a number from 1 to 65535, not {port!r}")
 
 
 def _check_timeout(timeout: object) -> None:
