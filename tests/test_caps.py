@@ -18,7 +18,7 @@ from pytest_nsbox.settings import parse_size
 
 from .helpers import alive, commands_of, sandbox_processes, wait_until
 
-FORK_BOMB = "bomb() { bomb | bomb & }; bomb; sleep 30"
+FORK_BOMB = "bomb() { bomb | bomb & }; bomb; exec sleep 30"  # exec: no fork left to fail
 ROOT = caps.is_global_root()
 
 

@@ -273,7 +273,7 @@ def test_the_limits_hold_and_the_report_names_the_one_hit(pytester):
         @pytest.mark.sandbox(pids_max=32)
         def test_fork_bombs():
             with pytest.raises(subprocess.TimeoutExpired):
-                subprocess.run(["sh", "-c", "bomb() { bomb | bomb & }; bomb; sleep 60.75"], timeout=2)
+                subprocess.run(["sh", "-c", "bomb() { bomb | bomb & }; bomb; exec sleep 60.75"], timeout=2)
 
         def test_next_one_is_fine():
             assert subprocess.run(["true"]).returncode == 0
@@ -374,7 +374,7 @@ def test_a_sandbox_inside_an_isolated_test_is_capped(pytester):
             expected = "enclosing" if os.getuid() == 0 else "rlimit"
             assert box.limits.pids_mechanism == expected, box.limits.describe()
             with pytest.raises(subprocess.TimeoutExpired):
-                box.run("bomb() { bomb | bomb & }; bomb; sleep 60", timeout=2)
+                box.run("bomb() { bomb | bomb & }; bomb; exec sleep 60", timeout=2)
             assert box.run(["echo", "alive"]).stdout == "alive\\n"
     """))
     pytester.runpytest_subprocess("--nsbox-isolate").assert_outcomes(passed=1)

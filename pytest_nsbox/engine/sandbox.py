@@ -489,6 +489,9 @@ class Sandbox:
         if process._ended_with_sandbox:
             raise SandboxClosed(f"the sandbox died while {_shell_form(args)!r} ran: {self._why_dead()}")
         self._note_exit(process, before, None, process._record.stderr_tail)
+        if self.last_exit is not None and self.last_exit.reason == "sandbox-timeout":
+            # Init's kill at the end of the lifetime came just before our own deadline: the same end.
+            raise subprocess.TimeoutExpired(args, self.settings.timeout, output=stdout, stderr=stderr)
         result = subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
         if check:
             result.check_returncode()
