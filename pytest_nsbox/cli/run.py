@@ -17,6 +17,7 @@ import os
 import select
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 from ..settings import DEFAULT_PIDS_MAX
@@ -30,10 +31,13 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     common = argparse.ArgumentParser(add_help=False, parents=[cache_options()])
     common.add_argument("--rootfs", default=None, metavar="SPEC",
                         help="the root filesystem (default: $NSBOX_ROOTFS, else alpine; see `nsbox rootfs pull --help`)")
-    common.add_argument("--network", choices=("none", "host"), default="none",
+    common.add_argument("--profile", default=None, metavar="NAME",
+                        help="start from [tool.nsbox.profiles.NAME] of the nearest pyproject.toml; "
+                             "the options below win")
+    common.add_argument("--network", choices=("none", "host"), default=None,
                         help="none: a private loopback (default); host: the host's network")
-    common.add_argument("--hostname", default="nsbox")
-    common.add_argument("--pids-max", default=str(DEFAULT_PIDS_MAX), metavar="N|none",
+    common.add_argument("--hostname", default=None, help="default nsbox")
+    common.add_argument("--pids-max", default=None, metavar="N|none",
                         help=f"the most processes at once (default {DEFAULT_PIDS_MAX})")
     common.add_argument("--memory-max", default=None, metavar="SIZE", help="memory cap, e.g. 256M")
     common.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
@@ -68,12 +72,27 @@ def sandbox_keywords(args: argparse.Namespace) -> dict[str, Any]:
         if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("rw", "ro")) or not all(parts[:2]):
             raise ConfigError(f"--bind takes SRC:DST or SRC:DST:rw, not {item!r}")
         mounts.append((os.path.abspath(parts[0]), parts[1], *(["rw"] if parts[2:] == ["rw"] else [])))
-    store = store_for(args)
-    spec = args.rootfs or os.environ.get("NSBOX_ROOTFS") or "alpine"
-    return {"rootfs": store.resolve(spec), "network": args.network, "hostname": args.hostname,
-            "pids_max": None if args.pids_max == "none" else _int(args.pids_max, "--pids-max"),
-            "memory_max": args.memory_max, "timeout": args.timeout, "mounts": mounts, "env": env,
-            "cwd": args.cwd or "/", "seccomp": not args.no_seccomp}
+    keywords: dict[str, Any] = {}
+    if args.profile:
+        from .. import profiles
+        path = profiles.find_pyproject(Path.cwd())
+        keywords = profiles.pick(profiles.load(path), args.profile, path, "--profile")
+    given = {"network": args.network, "hostname": args.hostname, "memory_max": args.memory_max,
+             "timeout": args.timeout, "cwd": args.cwd,
+             "pids_max": None if args.pids_max is None else
+             ("none" if args.pids_max == "none" else _int(args.pids_max, "--pids-max"))}
+    keywords.update({key: value for key, value in given.items() if value is not None})
+    if keywords.get("pids_max") == "none":
+        keywords["pids_max"] = None
+    if mounts:
+        keywords["mounts"] = [*keywords.get("mounts", ()), *mounts]
+    if env:
+        keywords["env"] = {**keywords.get("env", {}), **env}
+    if args.no_seccomp:
+        keywords["seccomp"] = False
+    spec = args.rootfs or keywords.get("rootfs") or os.environ.get("NSBOX_ROOTFS") or "alpine"
+    keywords["rootfs"] = store_for(args).resolve(spec)
+    return keywords
 
 
 def _int(text: str, option: str) -> int:

@@ -27,9 +27,10 @@ if TYPE_CHECKING:
     from ..engine.sandbox import Sandbox
     from ..rootfs.store import RootfsStore
 
-MARKER_HELP = ("sandbox(isolate=False, **settings): configure this test's `sandbox` and "
+MARKER_HELP = ("sandbox(isolate=False, profile=None, **settings): configure this test's `sandbox` and "
                "`sandbox_factory` fixtures with the keywords of pytest_nsbox.Sandbox ("
-               + ", ".join(SandboxSettings.keys()) + "); isolate=True runs the test itself in a sandbox")
+               + ", ".join(SandboxSettings.keys()) + "); profile= a [tool.nsbox.profiles.NAME] of "
+               "pyproject.toml under them; isolate=True runs the test itself in a sandbox")
 #: A test that takes one of these makes sandboxes.
 SANDBOX_FIXTURES = ("sandbox", "sandbox_factory", "nsbox_defaults")
 
@@ -37,6 +38,8 @@ _OPTIONS = pytest.StashKey[RunOptions]()
 _STORE = pytest.StashKey["RootfsStore"]()
 _SANDBOXES = pytest.StashKey[list["Sandbox"]]()
 _ISOLATING = pytest.StashKey[bool]()
+_DEFAULTS = pytest.StashKey[SandboxSettings]()
+_PROFILES = pytest.StashKey[tuple[Any, dict[str, Any]]]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -50,8 +53,11 @@ def pytest_configure(config: pytest.Config) -> None:
     if options.isolate and debugger:
         raise pytest.UsageError(f"--nsbox-isolate runs each test in a sandboxed copy of pytest, where "
                                 f"{debugger[0]} cannot reach your terminal: drop --nsbox-isolate to debug")
-    # A bad run-wide setting is a usage error now, not in every test.
-    options.defaults()
+    # A bad run-wide setting, or profile, is a usage error now, not in every test.
+    try:
+        _defaults(config)
+    except NsboxError as exc:
+        raise pytest.UsageError(f"nsbox: {exc}") from None
     from ..rootfs.alpine import mirror_url
     from ..rootfs.specs import parse as parse_spec
     try:
@@ -62,6 +68,36 @@ def pytest_configure(config: pytest.Config) -> None:
         parse_spec(options.rootfs)
     except NsboxError as exc:
         raise pytest.UsageError(f"--nsbox-rootfs: {exc}") from None
+
+
+def _defaults(config: pytest.Config) -> SandboxSettings:
+    """The run-wide settings: ini < environment < command line, then --nsbox-profile's."""
+    if _DEFAULTS not in config.stash:
+        options = config.stash[_OPTIONS]
+        defaults = options.defaults()
+        if options.profile:
+            defaults = SandboxSettings.from_kwargs(_profile(config, options.profile, "--nsbox-profile"),
+                                                   defaults=defaults, source=f"profile {options.profile!r}")
+        config.stash[_DEFAULTS] = defaults
+    return config.stash[_DEFAULTS]
+
+
+def _profile(config: pytest.Config, name: object, asked_by: str) -> dict[str, Any]:
+    from .. import profiles
+    if _PROFILES not in config.stash:
+        path = profiles.find_pyproject(config.rootpath)
+        config.stash[_PROFILES] = (path, profiles.load(path))
+    path, found = config.stash[_PROFILES]
+    return profiles.pick(found, name, path, asked_by)
+
+
+def with_profile(config: pytest.Config, keywords: dict[str, Any], source: str) -> dict[str, Any]:
+    """A marker's (or factory's) keywords with its `profile=` expanded under them."""
+    if "profile" not in keywords:
+        return keywords
+    keywords = dict(keywords)
+    name = keywords.pop("profile")
+    return {**_profile(config, name, f"{source}: profile="), **keywords}
 
 
 def _store(config: pytest.Config) -> RootfsStore:
@@ -112,7 +148,7 @@ def pytest_report_collectionfinish(config: pytest.Config, items: Sequence[pytest
     lines = [f"nsbox: rootfs {rootfs}; cache {store.cache_dir}" + ("; offline" if options.offline else ""),
              f"nsbox: namespaces user,mnt,pid,ipc,uts,cgroup,net: {state}"]
     if probe.caps is not None:
-        defaults = options.defaults()
+        defaults = _defaults(config)
         lines.append(f"nsbox: caps: {probe.caps.describe()}; default pids_max {defaults.pids_max or 'none'}"
                      + (f", memory_max {human_size(defaults.memory_max)}" if defaults.memory_max else "")
                      + (f", timeout {defaults.timeout:g} s" if defaults.timeout else ""))
@@ -219,7 +255,8 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
     try:
         keywords = marker_keywords(item)
         keywords.pop("isolate", None)
-        settings = SandboxSettings.from_kwargs({"network": "host", **keywords}, defaults=options.defaults(),
+        keywords = with_profile(config, keywords, item.nodeid)
+        settings = SandboxSettings.from_kwargs({"network": "host", **keywords}, defaults=_defaults(config),
                                                source=item.nodeid)
     except NsboxError as exc:
         return run_protocol(item, nextitem, Isolation(None, (), (), f"nsbox: {exc}"))
@@ -287,7 +324,8 @@ class SandboxFactory:
         from ..engine import client
         from ..engine.sandbox import Sandbox
         from ..rootfs.store import Rootfs
-        resolved = SandboxSettings.from_kwargs(settings, defaults=self._options.defaults(),
+        settings = with_profile(self._config, settings, self._item.nodeid)
+        resolved = SandboxSettings.from_kwargs(settings, defaults=_defaults(self._config),
                                                source=self._item.nodeid)
         probe = client.probe(resolved.network)
         if not probe.ok:
@@ -337,5 +375,5 @@ def nsbox_defaults(pytestconfig: pytest.Config) -> SandboxSettings:
     except NsboxError as exc:
         problem = str(exc)
     else:
-        return replace(options.defaults(), rootfs=rootfs)
+        return replace(_defaults(pytestconfig), rootfs=rootfs)
     pytest.fail(f"nsbox: {problem}", pytrace=False)

@@ -59,6 +59,8 @@ OPTIONS = (
     Option("require_caps", "fail sandboxed tests where PIDs cannot be capped"),
     Option("unavailable", "what sandboxed tests do where this machine cannot make sandboxes: "
            "fail (default) or skip", "MODE", UNAVAILABLE_CHOICES),
+    Option("profile", "a sandbox profile of pyproject.toml's [tool.nsbox.profiles] for every sandbox "
+           "(markers' keywords and profile= win)", "NAME"),
     Option("keep_on_failure", "keep a failed test's sandbox filesystem as a tarball in the basetemp, "
            "for the `nsbox shell` line of its report"),
     Option("isolate", "run every test in a sandbox of its own (docs/isolate.md)"),
@@ -153,6 +155,7 @@ class RunOptions(NamedTuple):
     memory_max: int | None
     timeout: float | None
     require_caps: bool
+    profile: str | None
     keep_on_failure: bool
     isolate: bool
     isolate_writable: tuple[str, ...]
@@ -173,6 +176,7 @@ class RunOptions(NamedTuple):
                    memory_max=_size(*read.get("memory_max")),
                    timeout=_seconds(*read.get("timeout")),
                    require_caps=read.flag("require_caps"),
+                   profile=read.get("profile")[0],
                    keep_on_failure=read.flag("keep_on_failure"),
                    isolate=read.flag("isolate"),
                    isolate_writable=read.paths("isolate_writable"))

@@ -1,0 +1,92 @@
+"""Named sandbox settings, kept in the project's pyproject.toml:
+
+    [tool.nsbox.profiles.web]
+    network = "host"
+    pids_max = 128
+    mounts = [["tests/fixtures", "/srv", "ro"]]
+    env = { APP_ENV = "test" }
+
+used as `@pytest.mark.sandbox(profile="web", ...)`, `--nsbox-profile web` or `nsbox run --profile web`.
+Keys are `Sandbox(...)` keywords; "none" stands for None (TOML has no null); relative paths (a
+rootfs, a mount's source) are relative to the pyproject.toml. Keywords given with the profile win.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .settings import SandboxSettings
+
+_NONE_ALLOWED = ("pids_max", "memory_max", "timeout", "tmpfs_size", "output_max", "rootfs")
+
+
+def find_pyproject(start: Path) -> Path | None:
+    """The nearest pyproject.toml at or above `start`."""
+    for directory in (start, *start.parents):
+        candidate = directory / "pyproject.toml"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load(path: Path | None) -> dict[str, dict[str, Any]]:
+    """Every profile of `path`, checked: ConfigError names the file, the table and the key."""
+    if path is None:
+        return {}
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the profiles in {path}: {exc}") from None
+    tables = data.get("tool", {}).get("nsbox", {}).get("profiles", {})
+    if not isinstance(tables, dict):
+        raise ConfigError(f"{path}: [tool.nsbox.profiles] must be a table of tables, one per profile")
+    profiles = {}
+    for name, table in tables.items():
+        where = f"{path} [tool.nsbox.profiles.{name}]"
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where} must be a table of Sandbox(...) keywords")
+        profiles[name] = _checked(table, where, path.parent)
+    return profiles
+
+
+def _checked(table: dict[str, Any], where: str, base: Path) -> dict[str, Any]:
+    settings = {}
+    for key, value in table.items():
+        if key not in SandboxSettings.keys() or key == "cache_dir":
+            allowed = ", ".join(k for k in SandboxSettings.keys() if k != "cache_dir")
+            raise ConfigError(f"{where}: unknown key {key!r}; allowed: {allowed}")
+        if value == "none" and key in _NONE_ALLOWED:
+            value = None
+        elif key == "rootfs" and isinstance(value, str) and _looks_like_a_path(value):
+            value = str(base / value)
+        elif key == "mounts" and isinstance(value, list):
+            value = [[str(base / m[0]), *m[1:]] if isinstance(m, list) and m and isinstance(m[0], str) else m
+                     for m in value]
+        settings[key] = value
+        try:
+            SandboxSettings.from_kwargs({key: value}, source=where)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} (key {key!r})") from None
+    return settings
+
+
+def _looks_like_a_path(spec: str) -> bool:
+    return not (spec in ("alpine", "host") or spec.startswith(("alpine:", "alpine@")) or "://" in spec) \
+        and not os.path.isabs(spec)
+
+
+def pick(profiles: dict[str, dict[str, Any]], name: object, path: Path | None, asked_by: str) -> dict[str, Any]:
+    """The settings of profile `name`, or a ConfigError listing those there are."""
+    if not isinstance(name, str) or name not in profiles:
+        there = ", ".join(sorted(profiles)) or "none"
+        where = str(path) if path else "no pyproject.toml found"
+        raise ConfigError(f"{asked_by}: no sandbox profile {name!r} in {where} (profiles: {there}); "
+                          "define it as [tool.nsbox.profiles.NAME]")
+    return dict(profiles[name])
