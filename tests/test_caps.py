@@ -58,7 +58,10 @@ def test_fork_bomb_is_held_at_the_cap_and_killed_at_the_timeout(sandbox):
             sandbox.run(FORK_BOMB, timeout=3)
         elapsed = time.monotonic() - started
     print(f"peak {sampler.peak} processes (cap 64) by {sandbox.limits.pids_mechanism}; returned after {elapsed:.2f} s")
-    assert 10 < sampler.peak <= 64
+    assert sampler.peak <= 64
+    # It did reach the cap: the cgroup counted refused forks, or the sampler (a thread that a busy
+    # machine may starve while the bomb burns out) saw it.
+    assert sandbox.last_exit.pids_cap_hit or sampler.peak > 10, sampler.peak
     assert elapsed < 4.0
     assert sandbox.last_exit.reason == "timeout"
     if sandbox.limits.pids_mechanism.startswith("cgroup"):
