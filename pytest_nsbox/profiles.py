@@ -4,6 +4,7 @@
     network = "host"
     pids_max = 128
     mounts = [["tests/fixtures", "/srv", "ro"]]
+    layers = ["tests/rootfs-extra"]
     env = { APP_ENV = "test" }
 
 used as `@pytest.mark.sandbox(profile="web", ...)`, `--nsbox-profile web` or `nsbox run --profile web`.
@@ -64,8 +65,10 @@ def _checked(table: dict[str, Any], where: str, base: Path) -> dict[str, Any]:
             raise ConfigError(f"{where}: unknown key {key!r}; allowed: {allowed}")
         if value == "none" and key in _NONE_ALLOWED:
             value = None
-        elif key == "rootfs" and isinstance(value, str) and _looks_like_a_path(value):
-            value = str(base / value)
+        elif key == "rootfs" and isinstance(value, str):
+            value = _relative_to(base, value)
+        elif key in ("rootfs", "layers") and isinstance(value, list):
+            value = [_relative_to(base, spec) if isinstance(spec, str) else spec for spec in value]
         elif key == "mounts" and isinstance(value, list):
             value = [[str(base / m[0]), *m[1:]] if isinstance(m, list) and m and isinstance(m[0], str) else m
                      for m in value]
@@ -75,6 +78,10 @@ def _checked(table: dict[str, Any], where: str, base: Path) -> dict[str, Any]:
         except ConfigError as exc:
             raise ConfigError(f"{exc} (key {key!r})") from None
     return settings
+
+
+def _relative_to(base: Path, spec: str) -> str:
+    return str(base / spec) if _looks_like_a_path(spec) else spec
 
 
 def _looks_like_a_path(spec: str) -> bool:

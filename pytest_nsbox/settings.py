@@ -18,6 +18,8 @@ from typing import Any, Literal, Union
 
 from .errors import ConfigError
 
+#: Overlayfs takes up to 500 lower layers; far fewer keep its mount options short.
+MAX_LAYERS = 64
 #: PIDs are capped unless a caller says otherwise: a fork bomb must never reach the host.
 DEFAULT_PIDS_MAX = 512
 #: Below this a sandbox's own /dev and /run cannot even be made.
@@ -80,7 +82,10 @@ class SandboxSettings:
     """Everything that defines one sandbox.  Keyword names are the public `Sandbox(...)` ones."""
 
     #: A spec (see pytest_nsbox.rootfs.specs), a path, or a Rootfs already resolved; None means "alpine".
+    #: A list is the rootfs followed by its layers.
     rootfs: Union[str, os.PathLike[str], Any, None] = None
+    #: Trees laid over the rootfs, lowest first (specs, paths or Rootfs): read-only overlay layers.
+    layers: Union[tuple[Any, ...], list[Any]] = ()
     cache_dir: Union[str, os.PathLike[str], None] = None
     network: Literal["none", "host"] = "none"
     hostname: str = "nsbox"
@@ -99,6 +104,16 @@ class SandboxSettings:
     output_max: Union[int, str, None] = DEFAULT_OUTPUT_MAX
 
     def __post_init__(self) -> None:
+        if isinstance(self.rootfs, (list, tuple)):
+            if not self.rootfs:
+                raise ConfigError(_bad("rootfs", self.rootfs, "a spec, or a list of a spec and its layers"))
+            object.__setattr__(self, "layers", (*self.rootfs[1:], *self.layers))
+            object.__setattr__(self, "rootfs", self.rootfs[0])
+        if isinstance(self.layers, (str, bytes, os.PathLike)) or not isinstance(self.layers, Iterable):
+            raise ConfigError(_bad("layers", self.layers, "a list of specs or paths, lowest first"))
+        object.__setattr__(self, "layers", tuple(self.layers))
+        if len(self.layers) > MAX_LAYERS:
+            raise ConfigError(_bad("layers", f"{len(self.layers)} layers", f"at most {MAX_LAYERS}"))
         if self.network not in NETWORK_MODES:
             raise ConfigError(_bad("network", self.network, "'none' or 'host'"))
         if not isinstance(self.hostname, str) or not _HOSTNAME.match(self.hostname):

@@ -67,7 +67,7 @@ def test_the_run_wide_profile_sits_under_markers(project):
 
 @pytest.mark.parametrize("pyproject, message", [
     ('[tool.nsbox.profiles.web]\nnetwrk = "host"\n',
-     "pyproject.toml [tool.nsbox.profiles.web]: unknown key 'netwrk'; allowed: rootfs, network"),
+     "pyproject.toml [tool.nsbox.profiles.web]: unknown key 'netwrk'; allowed: rootfs, layers, network"),
     ('[tool.nsbox.profiles.web]\npids_max = -3\n',
      "pyproject.toml [tool.nsbox.profiles.web]: bad value for 'pids_max': -3"),
     ("[tool.nsbox.profiles]\nweb = 3\n", "pyproject.toml [tool.nsbox.profiles.web] must be a table"),

@@ -31,6 +31,8 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     common = argparse.ArgumentParser(add_help=False, parents=[cache_options()])
     common.add_argument("--rootfs", default=None, metavar="SPEC",
                         help="the root filesystem (default: $NSBOX_ROOTFS, else alpine; see `nsbox rootfs pull --help`)")
+    common.add_argument("--layer", action="append", default=[], metavar="SPEC",
+                        help="a tree (directory or tarball) laid over the rootfs, read-only; repeatable, lowest first")
     common.add_argument("--profile", default=None, metavar="NAME",
                         help="start from [tool.nsbox.profiles.NAME] of the nearest pyproject.toml; "
                              "the options below win")
@@ -90,8 +92,14 @@ def sandbox_keywords(args: argparse.Namespace) -> dict[str, Any]:
         keywords["env"] = {**keywords.get("env", {}), **env}
     if args.no_seccomp:
         keywords["seccomp"] = False
+    store = store_for(args)
     spec = args.rootfs or keywords.get("rootfs") or os.environ.get("NSBOX_ROOTFS") or "alpine"
-    keywords["rootfs"] = store_for(args).resolve(spec)
+    if isinstance(spec, (list, tuple)):  # a profile's [rootfs, layers...]
+        keywords["layers"] = [*spec[1:], *keywords.get("layers", ())]
+        spec = spec[0]
+    keywords["rootfs"] = store.resolve(spec)
+    layers = [*keywords.get("layers", ()), *args.layer]
+    keywords["layers"] = [store.resolve(layer, layer=True) for layer in layers]
     return keywords
 
 

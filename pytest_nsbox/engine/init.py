@@ -62,7 +62,7 @@ class Init:
         size = spec["tmpfs_size"]
         layout.build(spec["tree"], [layout.BindSpec(*b) for b in spec["mounts"]],
                      host_network=spec["network"] == "host", tmpfs_size=size,
-                     host_root=spec.get("host_root", False))
+                     host_root=spec.get("host_root", False), layers=spec.get("layers", ()))
         layout.set_hostname(spec["hostname"])
         sysctls = layout.ipc_sysctls(size)
         if spec["network"] == "none":

@@ -30,6 +30,10 @@ import struct
 from . import kernel
 from .kernel import MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_PRIVATE, MS_REC
 
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: the spawner must not import typing (see spawner.py)
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 DEV_LINKS = {"fd": "/proc/self/fd", "stdin": "/proc/self/fd/0", "stdout": "/proc/self/fd/1",
              "stderr": "/proc/self/fd/2", "ptmx": "pts/ptmx"}
@@ -55,11 +59,13 @@ class BindSpec:
 
 
 def build(tree: str, binds: list[BindSpec], host_network: bool, tmpfs_size: int,
-          host_root: bool = False) -> None:
+          host_root: bool = False, layers: Sequence[str] = ()) -> None:
     """Make the sandbox's root and pivot into it.  Raises KernelError naming the failed step.
 
-    With `host_root`, the root is a read-only recursive clone of the host's own tree instead of an
-    overlay (the `host` rootfs spec): nothing is copied, nothing of the host can be written.
+    The root is an overlay: `layers` (lowest first) over `tree`, all read-only, under a writable
+    upper layer on the staging tmpfs.  With `host_root`, the root is a read-only recursive clone of
+    the host's own tree instead (the `host` rootfs spec): nothing is copied, nothing of the host
+    can be written.
     """
     kernel.mount(None, "/", None, MS_REC | MS_PRIVATE, operation="make mounts private")
     if host_network:
@@ -70,7 +76,7 @@ def build(tree: str, binds: list[BindSpec], host_network: bool, tmpfs_size: int,
         lower = kernel.clone_mount("/", recursive=True)
         kernel.set_read_only(lower, recursive=True)
     else:
-        lower = _open_tree_dir(tree)
+        lowers = [_open_tree_dir(path) for path in (tree, *layers)]
 
     inodes = max(4096, tmpfs_size // 4096)
     # Its root is never reachable from inside: after the pivot only the places carved out of it are.
@@ -82,11 +88,14 @@ def build(tree: str, binds: list[BindSpec], host_network: bool, tmpfs_size: int,
     new_root = f"{STAGING}/root"
     if host_root:
         kernel.attach_mount(lower, new_root, "/")
+        os.close(lower)
     else:
+        # overlayfs lists lower layers top first.
+        stack = ":".join(f"/proc/self/fd/{fd}" for fd in reversed(lowers))
         kernel.mount("overlay", new_root, "overlay", 0,
-                     f"lowerdir=/proc/self/fd/{lower},upperdir={STAGING}/upper,"
-                     f"workdir={STAGING}/work,userxattr")
-    os.close(lower)  # from here on, nothing of the host is open for the rootfs to reach
+                     f"lowerdir={stack},upperdir={STAGING}/upper,workdir={STAGING}/work,userxattr")
+        for fd in lowers:
+            os.close(fd)  # from here on, nothing of the host is open for the rootfs to reach
 
     root = os.open(new_root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     proc = _fixed_mount_point(root, "proc")

@@ -15,9 +15,10 @@ import warnings
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import IO, Any, Union
 
-from ..errors import ConfigError, NsboxWarning, SandboxClosed, SandboxSetupError, SandboxUnavailable
+from ..errors import ConfigError, NsboxWarning, RootfsError, SandboxClosed, SandboxSetupError, SandboxUnavailable
 from ..rootfs.store import Rootfs, resolve
 from ..settings import BASE_ENV, DEFAULT_OUTPUT_MAX, DEFAULT_PIDS_MAX, Mount, SandboxSettings
 from . import caps, protocol, services
@@ -214,20 +215,22 @@ class Sandbox:
     the same namespaces and filesystem, like `docker exec` into a running container.
     """
 
-    def __init__(self, rootfs: str | os.PathLike[str] | Rootfs | None = None,
+    def __init__(self, rootfs: str | os.PathLike[str] | Rootfs | Sequence[Any] | None = None,
                  cache_dir: str | os.PathLike[str] | None = None, network: str = "none",
                  hostname: str = "nsbox", env: Mapping[str, str] | None = None,
                  mounts: Sequence[Mount | tuple[Any, ...]] = (), cwd: str = "/",
                  pids_max: int | None = DEFAULT_PIDS_MAX, memory_max: int | str | None = None,
                  timeout: float | None = None, tmpfs_size: int | str | None = None,
-                 seccomp: bool = True, output_max: int | str | None = DEFAULT_OUTPUT_MAX):
-        self.settings = SandboxSettings(rootfs=rootfs, cache_dir=cache_dir, network=network,  # type: ignore[arg-type]
+                 seccomp: bool = True, output_max: int | str | None = DEFAULT_OUTPUT_MAX,
+                 layers: Sequence[str | os.PathLike[str] | Rootfs] = ()):
+        self.settings = SandboxSettings(rootfs=rootfs, layers=tuple(layers), cache_dir=cache_dir, network=network,  # type: ignore[arg-type]
                                         hostname=hostname, env=env or {}, mounts=tuple(mounts),
                                         cwd=cwd, pids_max=pids_max, memory_max=memory_max,
                                         timeout=timeout, tmpfs_size=tmpfs_size, seccomp=seccomp,
                                         output_max=output_max)
         self.history: list[CommandRecord] = []
         self.rootfs: Rootfs | None = None
+        self.layers: list[Rootfs] = []
         self.init_pid: int | None = None
         self.namespaces: dict[str, str] = {}
         self.limits: Limits | None = None
@@ -260,8 +263,14 @@ class Sandbox:
         rootfs = self.settings.rootfs
         self.rootfs = rootfs if isinstance(rootfs, Rootfs) else resolve(rootfs or "alpine",
                                                                         self.settings.cache_dir)
+        self.layers = [layer if isinstance(layer, Rootfs) else resolve(layer, self.settings.cache_dir, layer=True)
+                       for layer in self.settings.layers]
+        if self.layers and self.rootfs.host:
+            raise ConfigError("the 'host' rootfs takes no layers: it is the host's tree, read-only, "
+                              "not an overlay")
         spec = {
             "tree": str(self.rootfs.tree),
+            "layers": [str(layer.tree) for layer in self.layers],
             "host_root": self.rootfs.host,
             "network": self.settings.network,
             "hostname": self.settings.hostname,
@@ -538,6 +547,34 @@ class Sandbox:
         return env
 
     # -- files ------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """The sandbox's whole filesystem as it is now — its rootfs, its layers and every change,
+        but not /proc, /sys or /dev — as a tarball at `path`, to use as a rootfs spec later
+        (`Sandbox(rootfs=path)`: extracted once, then cached by its digest).  Made by `tar` in the
+        sandbox (Alpine's busybox has one); RootfsError if it fails."""
+        __tracebackhide__ = True
+        target = Path(path)
+        commands = len(self.history)
+        try:
+            with open(target, "wb") as out:
+                try:
+                    tar = self.spawn(["tar", "-c", "-f", "-", "--exclude=./proc", "--exclude=./sys",
+                                      "--exclude=./dev", "-C", "/", "."], stdout=out, stderr=PIPE, shell=False)
+                except FileNotFoundError:
+                    raise RootfsError(f"cannot save the sandbox's filesystem to {target}: it has no `tar` "
+                                      "to make the tarball with") from None
+                _, stderr = tar.communicate(timeout=300)
+            if tar.returncode != 0:
+                raise RootfsError(f"cannot save the sandbox's filesystem to {target}: tar exited "
+                                  f"{tar.returncode}: {stderr.strip()[-300:]}")
+        except BaseException:
+            target.unlink(missing_ok=True)
+            raise
+        finally:
+            del self.history[commands:]  # ours, not the caller's commands
+        return target
+
+
     def write_file(self, path: str, data: str | bytes, mode: int | None = None) -> None:
         """Write a file inside the sandbox (in its writable layer), creating or replacing it.
 

@@ -333,8 +333,12 @@ class SandboxFactory:
         if self._options.require_caps and resolved.pids_max and probe.caps and probe.caps.mechanism == "none":
             raise SandboxUnavailable(f"--nsbox-require-caps: {probe.caps.describe()}; run as a normal "
                                      "user (RLIMIT_NPROC) or give pytest a writable cgroup")
+        store = _store(self._config)
         if not isinstance(resolved.rootfs, Rootfs):
-            resolved = replace(resolved, rootfs=_store(self._config).resolve(resolved.rootfs))
+            resolved = replace(resolved, rootfs=store.resolve(resolved.rootfs))
+        if resolved.layers:
+            resolved = replace(resolved, layers=tuple(
+                layer if isinstance(layer, Rootfs) else store.resolve(layer, layer=True) for layer in resolved.layers))
         sandbox = Sandbox.from_settings(resolved)
         self.sandboxes.append(sandbox)
         return sandbox.start()

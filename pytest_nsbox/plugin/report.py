@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -63,6 +62,9 @@ def shell_line(sb: Sandbox, rootfs: str | None = None) -> str:
         if os.path.realpath(cache) != os.path.realpath(str(s.cache_dir or default_cache_dir())) \
                 or s.cache_dir:
             args += ["--cache-dir", cache]
+    if not rootfs:  # a kept tarball holds the layers already
+        for layer in sb.layers:
+            args += ["--layer", os.path.abspath(layer.spec) if os.path.exists(layer.spec) else layer.spec]
     if s.network != "none":
         args += ["--network", s.network]
     if s.hostname != "nsbox":
@@ -86,19 +88,7 @@ def keep(sb: Sandbox, directory: Path, name: str) -> str:
     """The sandbox's whole tree as a tarball in `directory` (a rootfs spec for `nsbox shell`), or why
     it could not be kept."""
     directory.mkdir(parents=True, exist_ok=True)
-    target = directory / (re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[-120:] + ".tar")
-    commands = len(sb.history)
     try:
-        with open(target, "wb") as out:
-            process = sb.spawn(["tar", "-c", "-f", "-", "--exclude=./proc", "--exclude=./sys", "--exclude=./dev",
-                                "-C", "/", "."], stdout=out, stderr=subprocess.DEVNULL, shell=False)
-            code = process.wait(timeout=60)
+        return str(sb.save(directory / (re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[-120:] + ".tar")))
     except Exception as exc:  # noqa: BLE001 - a dead or full sandbox: the report says so
-        target.unlink(missing_ok=True)
         return f"not kept ({type(exc).__name__}: {exc})"
-    finally:
-        del sb.history[commands:]  # the tar is ours, not the test's
-    if code != 0:
-        target.unlink(missing_ok=True)
-        return f"not kept (tar in the sandbox exited {code}; the rootfs needs a tar)"
-    return str(target)

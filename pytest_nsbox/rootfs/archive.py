@@ -255,8 +255,8 @@ def _extract_member(tar: tarfile.TarFile, member: tarfile.TarInfo, parts: tuple[
         else:
             _write_file(tar, member, name, parent)
         if not member.islnk():
-            os.utime(name, ns=(member.mtime * 10**9, member.mtime * 10**9), dir_fd=parent,
-                     follow_symlinks=False)
+            mtime = int(member.mtime * 10**9)  # a float in PAX archives (Python's tarfile makes them)
+            os.utime(name, ns=(mtime, mtime), dir_fd=parent, follow_symlinks=False)
     finally:
         os.close(parent)
 

@@ -111,22 +111,28 @@ class RootfsStore:
         self.offline = env_offline() if offline is None else offline
         self.progress = progress
         self.trees = self.cache_dir / "trees"
-        self._memo: dict[str, Rootfs] = {}
+        self._memo: dict[tuple[str, bool], Rootfs] = {}
         self._lock = threading.Lock()
         self._checked = False
 
     # -- resolving --------------------------------------------------------------------------
-    def resolve(self, spec: str | os.PathLike[str] | RootfsSpec, refresh: bool = False) -> Rootfs:
-        """The tree for `spec`, fetching and extracting it if it is not cached yet."""
+    def resolve(self, spec: str | os.PathLike[str] | RootfsSpec, refresh: bool = False,
+                layer: bool = False) -> Rootfs:
+        """The tree for `spec`, fetching and extracting it if it is not cached yet.  A root
+        filesystem must have an executable /bin/sh; a `layer` (files laid over one) need not."""
         parsed = spec if isinstance(spec, (AlpineSpec, UrlSpec, PathSpec, HostSpec)) else parse(spec)
         key = str(parsed)
+        if layer and isinstance(parsed, HostSpec):
+            raise ConfigError("'host' is a whole root filesystem, not a layer to lay over one")
         with self._lock:
-            hit = None if refresh else self._memo.get(key)
+            hit = None if refresh else self._memo.get((key, layer))
         if hit is not None and (hit.host or hit.tree.is_dir()):
             return hit
-        result = self._resolve(parsed, key, refresh)
+        result = self._resolve(parsed, key, refresh, whole=not layer)
+        if not (layer or result.host):
+            check_tree(result.tree, key)
         with self._lock:
-            self._memo[key] = result
+            self._memo[(key, layer)] = result
         return result
 
     def cached(self, spec: str | os.PathLike[str]) -> Rootfs | None:
@@ -136,19 +142,18 @@ class RootfsStore:
         except NsboxError:
             return None
 
-    def _resolve(self, spec: RootfsSpec, key: str, refresh: bool) -> Rootfs:
+    def _resolve(self, spec: RootfsSpec, key: str, refresh: bool, whole: bool = True) -> Rootfs:
         if isinstance(spec, HostSpec):
             return Rootfs("host", Path("/"), trust="host", host=True)
         if isinstance(spec, PathSpec):
             if spec.is_dir:
-                check_tree(spec.path, key)
                 return Rootfs(key, spec.path)
             digest = _local_sha256(spec.path)
             tree = self._materialize(key, digest, lambda dest: _copy_into(spec.path, dest),
-                                     {"source": str(spec.path), "spec": key, "trust": "local"})
+                                     {"source": str(spec.path), "spec": key, "trust": "local"}, whole)
             return Rootfs(key, tree, digest)
         if isinstance(spec, UrlSpec):
-            return self._fetch(key, spec.url, spec.digest, "caller", None, None)
+            return self._fetch(key, spec.url, spec.digest, "caller", None, None, whole)
         return self._resolve_alpine(spec, key, refresh)
 
     def _resolve_offline(self, spec: RootfsSpec) -> Rootfs:
@@ -243,7 +248,7 @@ class RootfsStore:
             raise self._miss(key, str(exc)) from None
 
     def _fetch(self, key: str, url: str, digest: str, trust: str, version: str | None,
-               arch: str | None) -> Rootfs:
+               arch: str | None, whole: bool = True) -> Rootfs:
         if self._tree_ready(self.trees / f"sha256-{digest}"):
             return self._hit(key, digest, version, arch, trust)
         if self.offline:
@@ -257,7 +262,7 @@ class RootfsStore:
                 raise self._miss(key, str(exc)) from None
 
         meta = {"source": url, "spec": key, "version": version, "arch": arch, "trust": trust}
-        tree = self._materialize(key, digest, download, meta)
+        tree = self._materialize(key, digest, download, meta, whole)
         return Rootfs(key, tree, digest, version, arch, trust)
 
     def _hit(self, key: str, digest: str, version: str | None, arch: str | None, trust: str) -> Rootfs:
@@ -349,21 +354,23 @@ class RootfsStore:
             path = Path(exc.filename)  # a temp file's random name would say nothing to the user
         return RootfsError(f"{label}: cannot write {path}: {exc.strerror or exc}; {fix}")
 
-    def _materialize(self, key: str, digest: str, produce: Callable[[Path], None], meta: dict) -> Path:
-        """Make trees/sha256-<digest> exist, once, whoever else is trying at the same time."""
+    def _materialize(self, key: str, digest: str, produce: Callable[[Path], None], meta: dict,
+                     whole: bool = True) -> Path:
+        """Make trees/sha256-<digest> exist, once, whoever else is trying at the same time.  A
+        `whole` root filesystem without /bin/sh is refused before it is cached."""
         self._open_cache(create=True)
         tree = self.trees / f"sha256-{digest}"
         if self._tree_ready(tree):
             return tree
         try:
             with self._locked(self.trees / f"{tree.name}.lock"):
-                return self._materialize_locked(tree, digest, produce, meta)
+                return self._materialize_locked(tree, digest, produce, meta, whole)
         except OSError as exc:
             # A full disk or an unwritable cache, not a bug: say where, and what to do.
             raise self._write_error(key, self.trees, exc) from None
 
     def _materialize_locked(self, tree: Path, digest: str, produce: Callable[[Path], None],
-                            meta: dict) -> Path:
+                            meta: dict, whole: bool) -> Path:
         import tempfile
 
         from . import archive
@@ -379,7 +386,8 @@ class RootfsStore:
                 raise RootfsError(f"{meta['source']} changed while it was being cached; try again")
             staging = Path(tempfile.mkdtemp(prefix=f"{tree.name}.tmp-", dir=self.trees))
             size = archive.extract(tarball, staging, source=meta["source"])
-            check_tree(staging, meta["source"])
+            if whole:
+                check_tree(staging, meta["source"])
             _write_json(tree.with_name(tree.name + ".json"),
                         {**meta, "digest": digest, "created": time.time(), "size": size})
             os.rename(staging, tree)
@@ -472,12 +480,13 @@ class RootfsStore:
 _default_stores: dict[tuple[str, str, bool], RootfsStore] = {}
 
 
-def resolve(spec: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None) -> Rootfs:
+def resolve(spec: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None,
+            layer: bool = False) -> Rootfs:
     """Resolve with a store configured from the environment (what `Sandbox(rootfs=...)` uses)."""
     store = RootfsStore(cache_dir)
     key = (str(store.cache_dir), store.mirror, store.offline)
     store = _default_stores.setdefault(key, store)
-    return store.resolve(spec)
+    return store.resolve(spec, layer=layer)
 
 
 # -- trees --------------------------------------------------------------------------------------
