@@ -18,7 +18,7 @@ __all__ = ["ConfigError", "Mount", "NsboxError", "NsboxWarning", "PublishedPort"
            "UnsafeArchiveError"]
 
 _HOMES = {
-    "Sandbox": "engine.sandbox", "SandboxProcess": "engine.sandbox", "PublishedPort": "engine.services",
+    "Sandbox": "engine.sandbox", "SandboxProcess": "engine.process", "PublishedPort": "engine.services",
     "Mount": "settings", "SandboxSettings": "settings",
     "NsboxError": "errors", "NsboxWarning": "errors", "ConfigError": "errors", "RootfsError": "errors", "UnsafeArchiveError": "errors",
     "SandboxClosed": "errors", "SandboxSetupError": "errors", "SandboxUnavailable": "errors",
@@ -28,7 +28,8 @@ TYPE_CHECKING = False  # not typing's: the spawner imports this package and must
 if TYPE_CHECKING:
     from typing import Any
 
-    from .engine.sandbox import Sandbox, SandboxProcess
+    from .engine.process import SandboxProcess
+    from .engine.sandbox import Sandbox
     from .engine.services import PublishedPort
     from .errors import (ConfigError, NsboxError, NsboxWarning, RootfsError, SandboxClosed,
                          SandboxSetupError, SandboxUnavailable, UnsafeArchiveError)

@@ -6,10 +6,8 @@ Every test here runs a small suite with pytester, in a pytest of its own, with a
 
 from __future__ import annotations
 
-import http.server
 import re
 import textwrap
-import threading
 
 import pytest
 

@@ -249,7 +249,7 @@ def _free(path: str) -> str:
 # -- the end-to-end check ---------------------------------------------------------------------------
 def end_to_end(cache_dir: str | None = None) -> Check:
     """A real sandbox over the pinned Alpine, if it is cached (doctor downloads nothing)."""
-    from ..engine.sandbox import Sandbox
+    from .sandbox import Sandbox
     from ..rootfs.store import RootfsStore, default_cache_dir
     name = "a sandbox, end to end"
     store = RootfsStore(cache_dir or os.environ.get("NSBOX_CACHE_DIR") or default_cache_dir(), offline=True)

@@ -20,11 +20,13 @@ the default one is ignored (see docs/isolate.md).
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import resource
 import select
 import signal
 import stat
+from typing import NamedTuple
 
 from ..engine import kernel, layout, seccomp
 from ..engine.kernel import MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_PRIVATE, MS_REC
@@ -51,21 +53,35 @@ def die_with(parent_pidfd: int) -> None:
         os._exit(1)
 
 
-def confine(uid: int, gid: int, writable: Sequence[str], visible: Sequence[str], network: str,
-            tmpfs_size: int, pids_max: int | None, rlimit_pids: bool, memory_max: int | None,
-            rlimit_memory: bool, filter_syscalls: bool) -> None:
-    """In the child fork() made: build its sandbox.  Raises KernelError naming the failed step.
+class Places(NamedTuple):
+    """The host paths a confined test may write, and must still see under the private /tmp and
+    /dev/shm, with the symlinks on the way to them: worked out once, in the test process, so that
+    each test's child only makes the mounts."""
 
-    `visible` are paths the test must still see, read-only, if they lie under the private /tmp or
-    /dev/shm: the project, the interpreter, sys.path (a checkout or a venv in /tmp is common).
-    """
+    writable: tuple[str, ...]
+    hidden: tuple[str, ...]
+    links: tuple[tuple[str, str], ...]
+
+
+@functools.lru_cache(maxsize=32)
+def places(writable: tuple[str, ...], visible: tuple[str, ...]) -> Places:
+    """`visible` are paths the test must still see, read-only, if they lie under the private /tmp
+    or /dev/shm: the project, the interpreter, sys.path (a checkout or a venv in /tmp is common)."""
+    real = tuple(dict.fromkeys(os.path.realpath(p) for p in writable))
+    return Places(real, tuple(_hidden(visible, real)), tuple(_links([*writable, *visible])))
+
+
+def confine(uid: int, gid: int, where: Places, network: str, tmpfs_size: int, pids_max: int | None,
+            rlimit_pids: bool, memory_max: int | None, rlimit_memory: bool, filter_syscalls: bool) -> None:
+    """In the child fork() made: build its sandbox.  Raises KernelError naming the failed step."""
     kernel.write_id_maps(uid, gid, inner_uid=uid, inner_gid=gid)
     kernel.unshare(kernel.CLONE_NEWCGROUP)  # rooted at the test's cgroup (the parent placed us)
     kernel.mount(None, "/", None, MS_REC | MS_PRIVATE, operation="make mounts private")
-    holes = _take(writable)
+    holes = _take(where.writable)
     kernel.make_tree_read_only("/")
-    holes += _take(_hidden(visible, [path for path, _fd in holes]))  # read-only clones now
-    links = _links([*writable, *visible])
+    taken = {path for path, _fd in holes}
+    holes += _take([path for path in where.hidden if not _under_any(path, taken)])  # read-only clones now
+    links = where.links
     inodes = max(4096, tmpfs_size // 4096)
     for place in PRIVATE_PLACES:
         if os.path.isdir(place):
@@ -100,12 +116,12 @@ def confine(uid: int, gid: int, writable: Sequence[str], visible: Sequence[str],
 
 
 def _take(paths: Sequence[str]) -> list[tuple[str, int]]:
-    """Writable clones of the paths that exist, taken before the tree is made read-only."""
-    holes = []
-    for path in dict.fromkeys(os.path.realpath(p) for p in paths):
-        if os.path.exists(path):
-            holes.append((path, kernel.clone_mount(path, recursive=True)))
-    return holes
+    """Clones of the (real) paths that exist: writable if taken before the tree is made read-only."""
+    return [(path, kernel.clone_mount(path, recursive=True)) for path in paths if os.path.exists(path)]
+
+
+def _under_any(path: str, tops: set[str]) -> bool:
+    return any(path == top or path.startswith(top.rstrip("/") + "/") for top in tops)
 
 
 def _hidden(paths: Sequence[str], writable: Sequence[str]) -> list[str]:

@@ -9,7 +9,7 @@ Where the phases run, and why (docs/isolate.md has the trade-offs):
   1 of its own, with the PID cap, memory cap and timeout of the limits; the test's own code, and
   every process, file and socket it makes, is confined there.  When the call is over the sandbox is
   killed whole, and only then is its report made;
-- **the report travels back** through pytest's own serialization (pytest_report_to_serializable),
+- **the report travels back** through pytest's own serialization (transport.py),
   so the terminal, -rA, -x, --maxfail, --lf, junitxml and --durations see what they see without
   isolation.  A child that dies without a report (a crash, os._exit, a cap) is a failed test whose
   report says how it died and which limit it hit.
@@ -29,18 +29,16 @@ import sys
 import time
 import traceback
 import warnings
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import pytest
 from _pytest.reports import TestReport
 from _pytest.runner import call_and_report, show_test_item
 
 from ..engine import caps, seccomp
-from . import confine
+from . import confine, transport
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
-
     from ..settings import SandboxSettings
 
 #: How long a killed test's sandbox may take to vanish before its report is made anyway.
@@ -58,10 +56,22 @@ class Isolation(NamedTuple):
     error: str = ""
 
 
+_SEEN = pytest.StashKey[tuple[object, tuple[str, ...]]]()
+
+
 def must_see(config: pytest.Config) -> tuple[str, ...]:
     """What an isolated test must still see if it lies under the private /tmp or /dev/shm: the
     project, the current directory, the interpreter, sys.path, and the packages imported so far
-    (an editable install is found through an import hook, not sys.path)."""
+    (an editable install is found through an import hook, not sys.path).  Worked out again only
+    when one of those changed."""
+    key = (os.getcwd(), tuple(sys.path), len(sys.modules))
+    cached = config.stash.get(_SEEN, None)
+    if cached is None or cached[0] != key:
+        config.stash[_SEEN] = cached = (key, _must_see(config))
+    return cached[1]
+
+
+def _must_see(config: pytest.Config) -> tuple[str, ...]:
     cwd = os.getcwd()
     seen = [str(config.rootpath), cwd, sys.prefix, sys.base_prefix, *sys.path]
     shell_cwd = os.environ.get("PWD", "")  # the current directory as the user reached it: symlinks kept
@@ -177,63 +187,10 @@ def call_in_sandbox(item: pytest.Item, isolation: Isolation) -> TestReport:
         return _failed(item, started, f"nsbox: the test's sandbox sent back a report that does not read ({unreadable})")
     try:
         if "report" in result:
-            _merge_coverage(item.config, result.get("coverage"))
-            _warn_again(result.get("warnings") or ())
-            for logged in result.get("logged") or ():
-                item.ihook.pytest_runtest_logreport(report=_deserialize(item, logged))
-            _failed_subtests(item, int(result.get("failed_subtests") or 0))
-            return _deserialize(item, result["report"])
+            return transport.deliver(item, result)
     except Exception as exc:  # noqa: BLE001
         return _failed(item, started, f"nsbox: the test's sandbox sent back a report that does not read ({exc!r})")
     return _failed(item, started, _how_it_died(status, timed_out, settings, stats, result.get("error")))
-
-
-class _LoggedHere:
-    """In the child: reports logged during the call (subtests log one per subTest) are kept for
-    the pytest process to log, where the terminal and junitxml count them, instead of here."""
-
-    def __init__(self, item: pytest.Item) -> None:
-        self.item = item
-        self.reports: list[dict[str, Any]] = []
-        for relay in (item.config.hook, item.ihook):
-            setattr(relay, "pytest_runtest_logreport", self)
-
-    def __call__(self, report: TestReport) -> None:
-        self.reports.append(_serialize(self.item, report))
-
-
-def _failed_subtests(item: pytest.Item, count: int | None = None) -> int:
-    """How many of the test's subtests failed, a count pytest keeps to fail the test itself: read
-    in the child, set in the pytest process."""
-    try:
-        from _pytest.subtests import failed_subtests_key
-        counts = item.config.stash[failed_subtests_key]
-    except (ImportError, KeyError):
-        return 0
-    key = getattr(item, "id", item.nodeid)
-    if count:
-        counts[key] = count
-    return counts.get(key, 0)
-
-
-def _serialize(item: pytest.Item, report: TestReport) -> dict[str, Any]:
-    return item.config.hook.pytest_report_to_serializable(config=item.config, report=report)
-
-
-def _deserialize(item: pytest.Item, data: dict[str, Any]) -> Any:
-    return item.config.hook.pytest_report_from_serializable(config=item.config, data=_tuples(data))
-
-
-def _tuples(data: dict[str, Any]) -> dict[str, Any]:
-    """JSON, not pickle, carries the report: the sandbox writes it, and unpickling is running code.
-    JSON has no tuples, so the fields pytest and its plugins unpack or check as tuples get them back."""
-    for key in ("location", "longrepr"):
-        if isinstance(data.get(key), list):
-            data[key] = tuple(data[key])
-    for key in ("sections", "user_properties"):
-        if isinstance(data.get(key), list):
-            data[key] = [tuple(pair) if isinstance(pair, list) else pair for pair in data[key]]
-    return data
 
 
 def _child(item: pytest.Item, isolation: Isolation, plan: caps.CapPlan, ids: tuple[int, int],
@@ -244,7 +201,7 @@ def _child(item: pytest.Item, isolation: Isolation, plan: caps.CapPlan, ids: tup
         confine.die_with(parent)
         os.close(parent)
         settings = isolation.settings
-        confine.confine(*ids, isolation.writable, isolation.visible, settings.network,
+        confine.confine(*ids, confine.places(isolation.writable, isolation.visible), settings.network,
                         caps.tmpfs_size(settings.tmpfs_size, settings.memory_max, caps.default_tmpfs_size()),
                         settings.pids_max, plan.mechanism == "rlimit",
                         settings.memory_max, plan.memory_mechanism == "rlimit", settings.seccomp)
@@ -253,14 +210,11 @@ def _child(item: pytest.Item, isolation: Isolation, plan: caps.CapPlan, ids: tup
         # (cgroup v1: the parent moved us meanwhile; a move costs an RCU grace period, ~1-2 ms)
         if go >= 0 and os.read(go, 1) != b"g":
             raise RuntimeError("the test process could not place the test in its cgroup")
-        logged = _LoggedHere(item)
+        logged = transport.LoggedHere(item)
         with warnings.catch_warnings(record=True) as caught:  # under the filters pytest set
             report = call_and_report(item, "call", log=False)
         alone = _end_the_rest()
-        payload = {"report": _serialize(item, report), "alone": alone, "logged": logged.reports,
-                   "failed_subtests": _failed_subtests(item),
-                   "warnings": [_warning_data(w) for w in caught],
-                   "coverage": _coverage_data() if "coverage" in sys.modules else None}
+        payload = {**transport.collect(item, report, logged, caught), "alone": alone}
         status = 0
     except BaseException:  # noqa: BLE001 - whatever stops the child is the test's failure
         payload = {"error": traceback.format_exc()}
@@ -287,28 +241,6 @@ def _end_the_rest() -> bool:
             os.waitpid(-1, _WALL)
         except ChildProcessError:
             return True
-
-
-def _warning_data(caught: warnings.WarningMessage) -> dict[str, Any]:
-    category = caught.category
-    return {"message": str(caught.message), "module": category.__module__,
-            "category": category.__qualname__, "filename": caught.filename, "lineno": caught.lineno}
-
-
-def _warn_again(caught: Sequence[dict[str, Any]]) -> None:
-    """The call's warnings, raised again here, where pytest records them for the test (the
-    warnings summary and -W error see them as in a plain run)."""
-    for data in caught:
-        category: Any = sys.modules.get(str(data.get("module")))
-        for part in str(data.get("category")).split("."):
-            category = getattr(category, part, None)
-        if not (isinstance(category, type) and issubclass(category, Warning)):
-            category = UserWarning  # a class the test defined and this process never imported
-        try:
-            warnings.warn_explicit(str(data.get("message")), category, str(data.get("filename")),
-                                   int(data.get("lineno") or 0))
-        except Exception:  # noqa: BLE001 - a filter turned it into an error: the child reported it
-            pass
 
 
 def _read_until(r: int, pidfd: int, timeout: float | None) -> tuple[bytes, bool]:
@@ -425,47 +357,3 @@ def finish(config: pytest.Config) -> None:
         caps.remove_parents(plan)
 
 
-# -- coverage: the child's lines, merged into the parent's data ---------------------------------------
-_COVERAGE = pytest.StashKey[Any]()
-
-
-def _coverage_data() -> str | None:
-    """The lines the child measured, for the parent: the child may not write next to the project
-    (it is read-only in the sandbox), and ends with os._exit, which saves nothing."""
-    try:
-        import coverage
-    except ImportError:
-        return None
-    cov = coverage.Coverage.current()
-    collector = getattr(cov, "_collector", None)
-    if cov is None or collector is None:
-        return None
-    cov.stop()
-    data = coverage.CoverageData(no_disk=True)
-    collector.use_data(data, None)
-    collector.flush_data()
-    return data.dumps().hex()
-
-
-def _merge_coverage(config: pytest.Config, payload: str | None) -> None:
-    if not payload:
-        return
-    import coverage
-    data = coverage.CoverageData(no_disk=True)
-    data.loads(bytes.fromhex(payload))
-    merged = config.stash.get(_COVERAGE, None)
-    if merged is None:
-        config.stash[_COVERAGE] = data
-    else:
-        merged.update(data)
-
-
-def flush_coverage(config: pytest.Config) -> None:
-    """At the end of the run, before pytest-cov saves: the isolated tests' lines join the rest."""
-    merged = config.stash.get(_COVERAGE, None)
-    if merged is None:
-        return
-    import coverage
-    cov = coverage.Coverage.current()
-    if cov is not None:
-        cov.get_data().update(merged)

@@ -282,7 +282,7 @@ def pytest_runtestloop(session: pytest.Session) -> Iterator[Any]:
         return (yield)
     finally:
         if session.config.stash.get(_ISOLATING, False):
-            from ..isolate.protocol import flush_coverage
+            from ..isolate.transport import flush_coverage
             flush_coverage(session.config)
 
 
