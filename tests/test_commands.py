@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import select
 import signal
 import subprocess
 import time
@@ -125,6 +127,24 @@ def test_spawn_popen_interface(sandbox):
     assert process.poll() is None
     out, err = process.communicate("x\n", timeout=5)
     assert (out, err, process.returncode) == ("got x\n", "e\n", 4)
+
+
+def test_a_command_on_the_sandboxs_own_terminal(sandbox):
+    master, slave = sandbox.openpty()
+    try:
+        process = sandbox.spawn(["sh", "-c", "tty; ls /dev/pts; [ -t 0 ] && echo interactive"],
+                                stdin=slave, stdout=slave, stderr=slave, tty=True)
+        os.close(slave)
+        assert process.wait(timeout=10) == 0
+        out = b""
+        while select.select([master], [], [], 0.5)[0]:
+            try:
+                out += os.read(master, 4096)
+            except OSError:  # EIO: the command and its terminal are gone
+                break
+    finally:
+        os.close(master)
+    assert out.decode().split() == ["/dev/pts/0", "0", "ptmx", "interactive"]
 
 
 def test_spawn_wait_timeout_terminate_and_kill(sandbox):

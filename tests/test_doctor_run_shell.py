@@ -6,6 +6,7 @@ import json
 import os
 import pty
 import select
+import signal
 import subprocess
 import sys
 import textwrap
@@ -146,3 +147,50 @@ def test_shell_is_interactive_with_job_control_and_its_exit_status():
 def test_shell_runs_a_given_shell_and_ends_when_it_does():
     out, code = on_a_pty("shell", "--", "sh", "-c", "echo only this; exit 0", keys=b"")
     assert "only this" in out and code == 0
+
+
+def test_shell_terminal_is_the_sandboxs_own_and_follows_resizes():
+    """`tty` names the terminal (one of the sandbox's /dev/pts, not the host's), and a window
+    resize reaches the shell's terminal (the kernel then sends it SIGWINCH).  (Markers are computed by the shell,
+    so that the terminal's echo of what we type never matches them.)"""
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execv(sys.executable, [sys.executable, "-m", "pytest_nsbox", "shell", "--", "sh"])
+    out = b""
+    status = None
+
+    def read_until(marker: bytes, timeout: float = 30) -> None:
+        nonlocal out
+        deadline = time.monotonic() + timeout
+        while marker not in out and time.monotonic() < deadline:
+            if select.select([fd], [], [], 0.1)[0]:
+                out += os.read(fd, 4096)
+        assert marker in out, out.decode(errors="replace")
+
+    try:
+        _set_window_size(fd, 24, 80)
+        read_until(b"# ")  # the prompt: what is typed before it, ash's line editor drops
+        os.write(fd, b"echo T=$(tty) S=$(stty size) $((6*7))\n")
+        read_until(b"S=24 80 42")
+        _set_window_size(fd, 33, 111)
+        os.kill(pid, signal.SIGWINCH)  # what a terminal emulator's resize does to nsbox
+        time.sleep(0.5)
+        os.write(fd, b"echo now $(stty size) $((6*7))\n")
+        read_until(b"now 33 111 42")
+        os.write(fd, b"exit 4\n")
+        _, status = os.waitpid(pid, 0)
+    finally:
+        if status is None:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(fd)
+    text = out.decode(errors="replace")
+    assert "T=/dev/pts/0 S=24 80 42" in text
+    assert os.waitstatus_to_exitcode(status) == 4
+
+
+def _set_window_size(fd: int, rows: int, columns: int) -> None:
+    import fcntl
+    import struct
+    import termios
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))

@@ -134,11 +134,11 @@ def run(args: argparse.Namespace) -> int:
 def shell(args: argparse.Namespace) -> int:
     from ..engine.sandbox import Sandbox
     argv = _command(args.argv) or ["/bin/sh", "-l"]
-    master, slave = os.openpty()
-    try:
-        _copy_window_size(sys.stdin.fileno(), slave)
-        env = {"TERM": os.environ.get("TERM", "xterm")}
-        with Sandbox(**sandbox_keywords(args)) as box:
+    env = {"TERM": os.environ.get("TERM", "xterm")}
+    with Sandbox(**sandbox_keywords(args)) as box:
+        master, slave = box.openpty()
+        try:
+            _copy_window_size(sys.stdin.fileno(), slave)
             try:
                 process = box.spawn(argv, stdin=slave, stdout=slave, stderr=slave, env=env, shell=False, tty=True)
             except FileNotFoundError as exc:
@@ -148,10 +148,10 @@ def shell(args: argparse.Namespace) -> int:
             slave = -1
             _relay(master, process)
             code = process.wait()
-    finally:
-        os.close(master)
-        if slave >= 0:
-            os.close(slave)
+        finally:
+            os.close(master)
+            if slave >= 0:
+                os.close(slave)
     return _exit_status(code)
 
 

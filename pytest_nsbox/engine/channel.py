@@ -79,9 +79,11 @@ class Channel:
         op = message.get("op")
         if op == "socket" and len(fds) == 1:
             message["fd"] = fds.pop()  # the waiter takes it
+        elif op == "pty" and len(fds) == 2:
+            message["fds"], fds = fds, []
         for fd in fds:
             os.close(fd)
-        if op in ("started", "failed", "socket"):
+        if op in ("started", "failed", "socket", "pty"):
             self.replies[message["id"]] = message
         elif op == "exited":
             self.exits[message["pid"]] = message["returncode"]

@@ -49,6 +49,7 @@ class Init:
         self.deadline: float | None = None   # set when the owner says hello: a sandbox may be prebuilt
         self.expired = False
         self.proc = -1                       # our /proc: no command can mount over it
+        self.devpts = -1                     # our /dev/pts, likewise
         self.own_userns = 0
 
     # -- setup ------------------------------------------------------------------------------
@@ -72,6 +73,7 @@ class Init:
         if spec.get("protect_proc"):
             layout.protect_proc()
         self.proc = os.open("/proc", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.devpts = os.open("/dev/pts", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         if self.go >= 0:
             # cgroup v1: the spawner writes our PID into the sandbox's cgroup, then lets us go on.
             if os.read(self.go, 1) != b"g":
@@ -137,6 +139,8 @@ class Init:
                 self.signal(message["pid"], message["signal"], message.get("session", False))
             elif op == "socket":
                 self.make_socket(message["id"])
+            elif op == "pty":
+                self.make_pty(message["id"])
         finally:
             for fd in fds:
                 os.close(fd)
@@ -153,6 +157,20 @@ class Init:
             protocol.send(self.sock, {"op": "socket", "id": request_id}, [sock.fileno()])
         finally:
             sock.close()
+
+    def make_pty(self, request_id: int) -> None:
+        """A terminal of the sandbox's own /dev/pts, for the owner to give a command (`nsbox
+        shell`): inside, `tty` names it and /dev/pts lists it, as on a login."""
+        try:
+            master, slave = kernel.open_pty(self.devpts)
+        except OSError as exc:
+            self._failed(request_id, exc.errno or 0, f"cannot open a terminal in the sandbox: {exc}")
+            return
+        try:
+            protocol.send(self.sock, {"op": "pty", "id": request_id}, [master, slave])
+        finally:
+            os.close(master)
+            os.close(slave)
 
     def reap(self) -> None:
         for pid, status in kernel.reap_children():

@@ -341,6 +341,25 @@ def set_dumpable(flag: bool) -> None:
 
 
 _TIOCSCTTY = 0x540E
+_TIOCSPTLCK = 0x40045431  # _IOW('T', 0x31, int)
+_TIOCGPTPEER = 0x5441     # _IO('T', 0x41), Linux >= 4.13
+
+
+def open_pty(devpts: int) -> tuple[int, int]:
+    """A new terminal of the devpts instance whose root is `devpts`: (master, slave), both
+    close-on-exec.  The slave is opened from the master (TIOCGPTPEER), never by a path."""
+    master = os.open("ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC, dir_fd=devpts)
+    try:
+        unlock = ctypes.c_int(0)
+        _check(_libc.ioctl(master, _TIOCSPTLCK, ctypes.byref(unlock)), "unlock the pty", "/dev/pts/ptmx")
+        slave = _libc.ioctl(master, _TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+        if slave < 0:
+            raise KernelError(ctypes.get_errno(), "open the pty's terminal", "/dev/pts/ptmx",
+                              "TIOCGPTPEER needs Linux >= 4.13")
+    except BaseException:
+        os.close(master)
+        raise
+    return master, slave
 
 
 def set_controlling_terminal(fd: int) -> None:

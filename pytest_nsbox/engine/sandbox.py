@@ -251,18 +251,31 @@ class Sandbox:
 
     def _inner_socket(self) -> socket.socket:
         """A TCP socket made by init in the sandbox's network namespace."""
+        return socket.socket(fileno=self._ask("socket")["fd"])
+
+    def openpty(self) -> tuple[int, int]:
+        """Like `os.openpty()`, a new pseudo-terminal as (master, slave) fds, but one of the
+        sandbox's own /dev/pts: a command given the slave with `spawn(..., tty=True)` sees a
+        terminal it can name (`tty`, `ps`), as on a login.  The caller closes both."""
+        __tracebackhide__ = True
+        master, slave = self._ask("pty")["fds"]
+        return master, slave
+
+    def _ask(self, op: str) -> dict[str, Any]:
+        """Send init a request that only needs its id, and wait for the answer."""
+        __tracebackhide__ = True
         channel = self._live_channel()
         request_id = channel.next_id()
-        channel.send({"op": "socket", "id": request_id})
+        channel.send({"op": op, "id": request_id})
         channel.wait_for(lambda: request_id in channel.replies or channel.eof, _ANSWER_TIMEOUT)
         reply = channel.replies.pop(request_id, None)
         if reply is None:
             self._live_channel()
             raise SandboxSetupError(f"the sandbox's init (pid {self.init_pid}) did not answer within "
-                                    f"{_ANSWER_TIMEOUT:g} s")
+                                    f"{_ANSWER_TIMEOUT:g} s{_stopped(self.init_pid)}")
         if reply["op"] == "failed":
             raise OSError(reply.get("errno") or errno.EIO, reply["error"])
-        return socket.socket(fileno=reply["fd"])
+        return reply
 
     def _live_channel(self) -> Channel:
         __tracebackhide__ = True
@@ -297,7 +310,7 @@ class Sandbox:
         pytest captures them), PIPE, DEVNULL, STDOUT (stderr only), a file object or an fd.  A str
         runs through `/bin/sh -c` unless `shell=False`; `shell=True` with a list runs its first item
         through the shell with the rest as arguments, as in `subprocess`.  `tty=True` makes stdin,
-        which must be a terminal (the slave of a pty you opened), the command's controlling
+        which must be a terminal (the slave of `openpty()`), the command's controlling
         terminal: job control and ^C work as in a login shell (`nsbox shell` does this).
         """
         __tracebackhide__ = True
