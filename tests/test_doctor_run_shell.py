@@ -194,3 +194,28 @@ def _set_window_size(fd: int, rows: int, columns: int) -> None:
     import struct
     import termios
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+
+
+# -- the probe and the doctor take the same steps ------------------------------------------------
+REFUSE_PIVOT_ROOT = textwrap.dedent("""
+    import os, sys
+    sys.path.insert(0, sys.argv[1])
+    from pytest_nsbox.engine import seccomp
+    # As a container's seccomp profile may: every mount works, pivot_root does not.
+    seccomp._NUMBERS["pivot_root"] = (155, 217, 41)
+    seccomp.install(seccomp.assemble(os.uname().machine, {"pivot_root": "EPERM"}, seccomp.X32_ERRNO))
+    os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
+""")
+
+
+@pytest.mark.skipif(os.uname().machine not in ("x86_64", "aarch64"), reason="syscall numbers of x86_64 and aarch64")
+def test_a_step_the_host_refuses_is_missing_in_doctor_and_skips_sandboxed_tests(pytester):
+    refused = [sys.executable, "-c", REFUSE_PIVOT_ROOT, str(REPO)]
+    doctor = subprocess.run([*refused, "-m", "pytest_nsbox", "doctor"], capture_output=True, text=True, timeout=60)
+    assert doctor.returncode == 1, doctor.stdout + doctor.stderr
+    assert [line.split()[0] for line in doctor.stdout.splitlines() if "pivot_root" in line] == ["MISSING"]
+    pytester.makepyfile("def test_sandboxed(sandbox):\n    pass\n\ndef test_plain():\n    pass\n")
+    result = pytester.run(*refused, "-m", "pytest", "--nsbox-unavailable=skip",
+                          "-rs", str(pytester.path), timeout=120)
+    result.assert_outcomes(passed=1, skipped=1)
+    result.stdout.fnmatch_lines(["*this machine cannot make sandboxes*pivot_root*"])

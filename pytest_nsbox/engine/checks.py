@@ -1,9 +1,9 @@
 """Whether this machine can make sandboxes: every step a sandbox needs, performed for real, one by one.
 
 `nsbox doctor` prints these; each `Check` is a step that worked, or did not with the cause and the
-exact fix (from hints.py, through the errors kernel.py raises). The steps run in throw-away
-children cloned into the namespaces they need, as the spawner and init would; nothing is left
-behind.
+exact fix (from hints.py, through the errors kernel.py raises). The steps are those of steps.py,
+which the plugin's probe takes all at once; here each runs in a throw-away child cloned into the
+namespaces it needs, so that the one that fails is named; nothing is left behind.
 """
 
 from __future__ import annotations
@@ -13,14 +13,12 @@ import platform
 import re
 import shutil
 import signal
-import socket
 import stat
 import sys
 import traceback
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from . import caps, hints, kernel, layout, seccomp, systemd
+from . import caps, hints, kernel, steps, systemd
 
 OK, MISSING, INFO = "ok", "missing", "info"
 
@@ -42,24 +40,11 @@ class Check:
 def run_all(cache_dir: str | None = None) -> list[Check]:
     """Every check, in the order a sandbox needs them."""
     checks = [_platform(), _container(), _nesting()]
-    userns = _step("user namespace and id maps", kernel.CLONE_NEWUSER, lambda: None)
+    first, *rest = steps.STEPS
+    userns = _step(first)
     checks.append(userns)
     if userns.status == OK:
-        checks += [
-            _step("mount namespace", kernel.CLONE_NEWUSER | kernel.CLONE_NEWNS, _private_mounts),
-            _step("PID namespace and a fresh /proc", kernel.CLONE_NEWUSER | kernel.CLONE_NEWNS | kernel.CLONE_NEWPID,
-                  _fresh_proc),
-            _step("IPC namespace", kernel.CLONE_NEWUSER | kernel.CLONE_NEWIPC, lambda: None),
-            _step("UTS namespace and a host name", kernel.CLONE_NEWUSER | kernel.CLONE_NEWUTS,
-                  lambda: socket.sethostname("nsbox-doctor")),
-            _step("cgroup namespace", kernel.CLONE_NEWUSER | kernel.CLONE_NEWCGROUP, lambda: None),
-            _step("network namespace and loopback", kernel.CLONE_NEWUSER | kernel.CLONE_NEWNET,
-                  layout.bring_up_loopback),
-            _step("overlay in a user namespace", kernel.CLONE_NEWUSER | kernel.CLONE_NEWNS, _overlay),
-            _step("/dev: device binds", kernel.CLONE_NEWUSER | kernel.CLONE_NEWNS, _device_bind),
-            _step("pivot_root", kernel.CLONE_NEWUSER | kernel.CLONE_NEWNS, _pivot_root),
-            _step("seccomp filter and no_new_privs", kernel.CLONE_NEWUSER, seccomp.install),
-        ]
+        checks += [_step(step) for step in rest]
     checks += [_pid_caps(), _systemd_scope(), _cache(cache_dir)]
     return checks
 
@@ -69,8 +54,9 @@ def works(checks: list[Check]) -> bool:
 
 
 # -- steps run in a child -----------------------------------------------------------------------------
-def _step(name: str, flags: int, action: Callable[[], object]) -> Check:
-    """Clone a child into `flags`' namespaces, map our ids there, run `action`: ok, or why not."""
+def _step(step: steps.Step) -> Check:
+    """Clone a child into the step's namespaces, map our ids there, take it: ok, or why not."""
+    name, flags, action = step.name, step.flags, step.action
     uid, gid = os.getuid(), os.getgid()
     r, w = os.pipe2(os.O_CLOEXEC)
     try:
@@ -112,52 +98,6 @@ def _missing(name: str, error: str) -> Check:
     if found:
         return Check(name, MISSING, found.group(1), found.group(2).strip())
     return Check(name, MISSING, error.strip())
-
-
-def _private_mounts() -> None:
-    kernel.mount(None, "/", None, kernel.MS_REC | kernel.MS_PRIVATE, operation="make mounts private")
-
-
-def _scratch() -> str:
-    """A private tmpfs to work in (in a mount namespace of the child's own)."""
-    _private_mounts()
-    kernel.mount("tmpfs", "/tmp", "tmpfs", 0, "mode=0700,size=1m", operation="mount a tmpfs on /tmp")
-    return "/tmp"
-
-
-def _fresh_proc() -> None:
-    os.mkdir(os.path.join(_scratch(), "proc"))
-    kernel.mount("proc", "/tmp/proc", "proc", kernel.MS_NOSUID | kernel.MS_NODEV | kernel.MS_NOEXEC,
-                 operation="mount a fresh /proc")
-
-
-def _overlay() -> None:
-    scratch = _scratch()
-    for name in ("lower", "upper", "work", "root"):
-        os.mkdir(os.path.join(scratch, name))
-    kernel.mount("overlay", "/tmp/root", "overlay", 0,
-                 "lowerdir=/tmp/lower,upperdir=/tmp/upper,workdir=/tmp/work,userxattr",
-                 operation="mount an overlay")
-
-
-def _device_bind() -> None:
-    scratch = _scratch()
-    target = os.path.join(scratch, "null")
-    os.close(os.open(target, os.O_CREAT | os.O_WRONLY, 0o600))
-    fd = kernel.clone_mount("/dev/null")
-    try:
-        kernel.attach_mount(fd, target, "/dev/null")
-    finally:
-        os.close(fd)
-    with open(target, "w") as f:
-        f.write("into the void")
-
-
-def _pivot_root() -> None:
-    scratch = _scratch()
-    os.mkdir(os.path.join(scratch, "old"))
-    os.chdir(scratch)
-    kernel.pivot_root(".", "old")
 
 
 # -- facts of this process and host -------------------------------------------------------------------

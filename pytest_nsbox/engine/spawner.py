@@ -24,7 +24,7 @@ import signal
 import socket
 import sys
 
-from . import caps, init, kernel, protocol, seccomp
+from . import caps, init, kernel, protocol, seccomp, steps
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: the spawner must not import typing
 if TYPE_CHECKING:
@@ -259,9 +259,9 @@ def _unavailable(exc: OSError) -> bool:
 
 
 def probe(network: str) -> dict[str, Any]:
-    """Can sandboxes be made here?  Clones a child that takes every step a sandbox needs — user,
-    mount, PID, IPC, UTS (and network) namespaces, id maps, a tmpfs, an overlay, a fresh /proc, a
-    host name, loopback — and reports the first failure with its cause."""
+    """Can sandboxes be made here?  Clones a child that takes every step a sandbox needs (those
+    of steps.py, which `nsbox doctor` takes one by one) and reports the first failure with its
+    cause."""
     uid, gid = os.getuid(), os.getgid()
     r, w = os.pipe2(os.O_CLOEXEC)
     try:
@@ -274,7 +274,8 @@ def probe(network: str) -> dict[str, Any]:
         os.close(r)
         message = b""
         try:
-            _probe_steps(uid, gid, network)
+            kernel.write_id_maps(uid, gid)
+            steps.take_all(network)
         except OSError as exc:
             message = str(exc).encode()
         except BaseException as exc:  # noqa: BLE001
@@ -287,21 +288,6 @@ def probe(network: str) -> dict[str, Any]:
         error = f.read().decode()
     os.waitpid(pid, 0)
     return {"ok": not error, "error": error}
-
-
-def _probe_steps(uid: int, gid: int, network: str) -> None:
-    kernel.write_id_maps(uid, gid)
-    kernel.mount(None, "/", None, kernel.MS_REC | kernel.MS_PRIVATE, operation="make mounts private")
-    kernel.mount("tmpfs", "/tmp", "tmpfs", 0, "mode=0700,size=1m", operation="mount tmpfs")
-    for name in ("lower", "upper", "work", "root", "proc"):
-        os.mkdir(f"/tmp/{name}")
-    kernel.mount("overlay", "/tmp/root", "overlay", 0,
-                 "lowerdir=/tmp/lower,upperdir=/tmp/upper,workdir=/tmp/work,userxattr")
-    kernel.mount("proc", "/tmp/proc", "proc", kernel.MS_NOSUID | kernel.MS_NODEV | kernel.MS_NOEXEC)
-    socket.sethostname("nsbox-probe")
-    if network == "none":
-        from . import layout
-        layout.bring_up_loopback()
 
 
 def _shun_the_oom_killer() -> None:
