@@ -84,6 +84,31 @@ def test_saving_without_tar_says_so(sandbox_factory, tmp_path):
     assert not (tmp_path / "x.tar").exists()
 
 
+def test_a_replaced_tar_cannot_fill_the_hosts_disk(sandbox_factory, tmp_path):
+    """save() runs the sandbox's own tar, which its commands may replace: what it writes is capped
+    by what the sandbox's filesystem can hold."""
+    box = sandbox_factory(tmpfs_size="8M")
+    box.run("rm /bin/tar; printf '#!/bin/sh\\nexec cat /dev/zero\\n' > /bin/tar; chmod +x /bin/tar", check=True)
+    with pytest.raises(RootfsError, match=r"tar wrote more than .* MiB.*more than this sandbox's filesystem holds"):
+        box.save(tmp_path / "x.tar")
+    assert not (tmp_path / "x.tar").exists()
+
+
+def test_a_saved_tree_leaves_out_host_binds(sandbox_factory, tmp_path):
+    (tmp_path / "secret").write_text("the host's")
+    box = sandbox_factory(mounts=[(tmp_path, "/mnt/host")])
+    box.run("echo mine > /root/file", check=True)
+    saved = box.save(tmp_path.parent / f"{tmp_path.name}-saved.tar")
+    with tarfile.open(saved) as archive:
+        names = archive.getnames()
+    assert "./root/file" in names and not any(name.startswith("./mnt/host/") for name in names), names
+
+
+def test_the_host_rootfs_cannot_be_saved(sandbox_factory, tmp_path):
+    with pytest.raises(ConfigError, match="the 'host' rootfs cannot be saved"):
+        sandbox_factory(rootfs="host").save(tmp_path / "host.tar")
+
+
 def test_nsbox_run_and_the_reproduce_line_take_layers(pytester, extra):
     run = subprocess.run([sys.executable, "-m", "pytest_nsbox", "run", "--layer", str(extra), "--", "greet"],
                          capture_output=True, text=True, timeout=60, env=os.environ.copy())

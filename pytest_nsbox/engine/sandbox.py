@@ -17,10 +17,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, NsboxWarning, RootfsError, SandboxClosed, SandboxSetupError, SandboxUnavailable
+from ..errors import ConfigError, NsboxWarning, SandboxClosed, SandboxSetupError, SandboxUnavailable
 from ..rootfs.store import Rootfs, resolve
 from ..settings import BASE_ENV, DEFAULT_OUTPUT_MAX, DEFAULT_PIDS_MAX, Mount, SandboxSettings
-from . import caps, protocol, services
+from . import caps, protocol, saving, services
 from .channel import Channel
 from .client import Spawner
 from .process import (CLOSE_TIMEOUT as _CLOSE_TIMEOUT, PIPE, Command, CommandRecord, ExitInfo, SandboxProcess,
@@ -428,31 +428,17 @@ class Sandbox:
     # -- files ------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike[str]) -> Path:
         """The sandbox's whole filesystem as it is now — its rootfs, its layers and every change,
-        but not /proc, /sys or /dev — as a tarball at `path`, to use as a rootfs spec later
-        (`Sandbox(rootfs=path)`: extracted once, then cached by its digest).  Made by `tar` in the
-        sandbox (Alpine's busybox has one); RootfsError if it fails."""
+        but not /proc, /sys, /dev or host paths bound in — as a tarball at `path`, to use as a
+        rootfs spec later (`Sandbox(rootfs=path)`: extracted once, then cached by its digest).
+        Made by `tar` in the sandbox (Alpine's busybox has one), and never bigger than what the
+        sandbox's filesystem holds; RootfsError if it fails."""
         __tracebackhide__ = True
-        target = Path(path)
         commands = len(self.history)
+        self._live_channel()
         try:
-            with open(target, "wb") as out:
-                try:
-                    tar = self.spawn(["tar", "-c", "-f", "-", "--exclude=./proc", "--exclude=./sys",
-                                      "--exclude=./dev", "-C", "/", "."], stdout=out, stderr=PIPE, shell=False)
-                except FileNotFoundError:
-                    raise RootfsError(f"cannot save the sandbox's filesystem to {target}: it has no `tar` "
-                                      "to make the tarball with") from None
-                _, stderr = tar.communicate(timeout=300)
-            if tar.returncode != 0:
-                raise RootfsError(f"cannot save the sandbox's filesystem to {target}: tar exited "
-                                  f"{tar.returncode}: {stderr.strip()[-300:]}")
-        except BaseException:
-            target.unlink(missing_ok=True)
-            raise
+            return saving.save(self, Path(path))
         finally:
             del self.history[commands:]  # ours, not the caller's commands
-        return target
-
 
     def write_file(self, path: str, data: str | bytes, mode: int | None = None) -> None:
         """Write a file inside the sandbox (in its writable layer), creating or replacing it.
