@@ -105,6 +105,21 @@ def test_wait_for_output_returns_the_match_or_shows_the_last_lines(sandbox):
         sandbox.spawn(["true"]).wait_for_output("x")
 
 
+def test_wait_for_output_keeps_a_bounded_tail_of_a_flood(sandbox_factory):
+    """A server that floods before it is ready costs bounded memory and linear time; a line split
+    between reads, or a UTF-8 character, is still found whole."""
+    box = sandbox_factory(output_max="1M")
+    flood = box.spawn(["sh", "-c", "head -c 200000000 /dev/zero | tr '\\0' x; printf 'ready: caf\\303'; "
+                                   "sleep 0.1; printf '\\251\\n'; sleep 30"], stdout=subprocess.PIPE)
+    assert flood.wait_for_output(r"ready: (\w+)\n", timeout=60).group(1) == "café"
+    seen = flood.output_seen["stdout"]
+    assert len(seen) <= 1 << 20 and seen.endswith("xxxready: café\n")
+    endless = box.spawn(["sh", "-c", "while :; do head -c 1000000 /dev/zero | tr '\\0' y; done"], stdout=subprocess.PIPE)
+    with pytest.raises(TimeoutError) as raised:
+        endless.wait_for_output("never", timeout=1)
+    assert len(str(raised.value)) < 3000 and str(raised.value).endswith("yyy")
+
+
 def test_published_ports_under_xdist(pytester):
     pytester.makepyfile(textwrap.dedent("""
         import socket, pytest

@@ -88,6 +88,7 @@ class SandboxProcess:
         self.stderr: IO[Any] | None = streams.open_parent("stderr", text)
         #: What wait_for_output() read from each stream (a pipe gives its data only once).
         self.output_seen: dict[str, str] = {}
+        self.output_decoders: dict[str, Any] = {}  # wait_for_output's, so a character may span reads
 
     def wait_for_output(self, pattern: str | re.Pattern[str], timeout: float = 10.0,
                         stream: str = "stdout") -> re.Match[str]:

@@ -12,6 +12,7 @@ needs none of this: its ports are the host's.
 
 from __future__ import annotations
 
+import codecs
 import errno
 import os
 import re
@@ -155,11 +156,18 @@ def wait_until_connectable(make_inner_socket: Callable[[], socket.socket], port:
         pause = min(pause * 2, 0.1)
 
 
-def wait_for_output(process: Any, pattern: str | re.Pattern[str], timeout: float, stream: str) -> re.Match[str]:
-    """Read `process`'s `stream` (a PIPE) until `pattern` matches somewhere in what it printed.
+#: How far before new output a match may start: the search never rescans all that came before.
+MATCH_SPAN = 64 << 10
+_TAIL_CHARS = 2000
 
-    What is read is kept in `process.output_seen[stream]` (the pipe gives it only once). On a timeout,
-    or if the process ends first, TimeoutError says so and shows the last lines it printed.
+
+def wait_for_output(process: Any, pattern: str | re.Pattern[str], timeout: float, stream: str) -> re.Match[str]:
+    """Read `process`'s `stream` (a PIPE) until `pattern` matches in what it printed.
+
+    What is read is kept in `process.output_seen[stream]` (the pipe gives it only once): its last
+    `output_max` characters.  A match may span reads but not more than MATCH_SPAN characters
+    before the newest one, so that a flood costs linear time.  On a timeout, or if the process ends
+    first, TimeoutError says so and shows the last lines it printed.
     """
     pipe = getattr(process, stream, None)
     if pipe is None:
@@ -167,26 +175,32 @@ def wait_for_output(process: Any, pattern: str | re.Pattern[str], timeout: float
     regex = re.compile(pattern) if isinstance(pattern, str) else pattern
     seen = process.output_seen
     seen.setdefault(stream, "")
+    decoder = process.output_decoders.setdefault(stream, codecs.getincrementaldecoder("utf-8")("replace"))
+    keep = process.sandbox.settings.output_max
     fd = pipe.fileno()
     deadline = time.monotonic() + timeout
     ended = False
+    start = 0
     while True:
-        found = regex.search(seen[stream])
+        found = regex.search(seen[stream], start)
         if found:
             return found
         remaining = deadline - time.monotonic()
         if ended or remaining <= 0:
-            tail = "\n".join(seen[stream].splitlines()[-10:]) or "(nothing)"
+            tail = "\n".join(seen[stream][-_TAIL_CHARS:].splitlines()[-10:]) or "(nothing)"
             why = _how_it_ended(process, stream) if ended else f"not within {timeout:g} s"
             raise TimeoutError(f"{stream} of {process.args!r} never matched {regex.pattern!r}: {why}; "
                                f"its last lines:\n{tail}")
         ready, _, _ = select.select([fd], [], [], min(remaining, 0.1))
         if ready:
             chunk = os.read(fd, 65536)
-            if chunk:
-                seen[stream] += chunk.decode(errors="replace")
-            else:
-                ended = True
+            ended = not chunk
+            text = seen[stream] + decoder.decode(chunk, final=ended)
+            start = len(seen[stream]) - MATCH_SPAN
+            if keep is not None and len(text) > keep:
+                start -= len(text) - keep
+                text = text[-keep:]
+            seen[stream], start = text, max(0, start)
         elif process.poll() is not None:
             ended = not select.select([fd], [], [], 0)[0]
 
