@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 import signal
@@ -236,6 +237,17 @@ def test_output_kept_in_memory_is_capped_with_a_marker(sandbox):
     assert kept == "x" * (1 << 20)
     assert marker == f"\n[nsbox: {5000000 - (1 << 20)} more bytes of stdout were dropped: output_max is {1 << 20}]\n"
     assert result.stderr == "done\n"
+
+
+def test_read_file_never_returns_a_cut_file(sandbox_factory):
+    box = sandbox_factory(output_max="1M")
+    box.run("head -c 1048576 /dev/urandom > /root/fits; head -c 1048577 /dev/zero > /root/too-big", check=True)
+    assert len(box.read_file("/root/fits", text=False)) == 1 << 20
+    with pytest.raises(OSError, match="cannot read /root/too-big from the sandbox: it is bigger than output_max") as raised:
+        box.read_file("/root/too-big")
+    assert raised.value.errno == errno.EFBIG
+    with pytest.raises(OSError, match="bigger than output_max"):
+        box.read_file("/dev/zero")  # endless: read up to the cap, never into memory
 
 
 def test_a_flood_cannot_take_the_test_process_down(sandbox):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import io
 import os
 import re
 import select
@@ -456,13 +457,24 @@ class Sandbox:
             raise _file_error("write", path, result.stderr)
 
     def read_file(self, path: str, text: bool = True) -> str | bytes:
-        """A file's contents; FileNotFoundError or IsADirectoryError as open() would raise."""
+        """A file's contents; FileNotFoundError or IsADirectoryError as open() would raise, and
+        OSError(EFBIG) for a file bigger than the sandbox's `output_max` (never a cut one)."""
         __tracebackhide__ = True
+        limit = self.settings.output_max
+        # At most one byte past the limit is ever read: /dev/zero ends too.
+        reader = 'exec cat -- "$1"' if limit is None else f'exec head -c {limit + 1} -- "$1"'
         script = ('[ -d "$1" ] && { echo EISDIR >&2; exit 1; }; '
-                  '[ -e "$1" ] || { echo ENOENT >&2; exit 1; }; exec cat -- "$1"')
-        result = self.run(["/bin/sh", "-c", script, "nsbox-read", path], text=text)
+                  '[ -e "$1" ] || { echo ENOENT >&2; exit 1; }; ' + reader)
+        result = self.run(["/bin/sh", "-c", script, "nsbox-read", path], text=False,
+                          output_max=None if limit is None else limit + 1)
         if result.returncode != 0:
             raise _file_error("read", path, result.stderr)
+        if limit is not None and len(result.stdout) > limit:
+            raise OSError(errno.EFBIG, f"cannot read {path} from the sandbox: it is bigger than output_max "
+                          f"({limit} bytes), the most read_file keeps in memory; give the sandbox a "
+                          "bigger output_max, or read the file in parts with run()")
+        if text:  # as run(text=True) reads: UTF-8, universal newlines
+            return io.TextIOWrapper(io.BytesIO(result.stdout), encoding="utf-8", errors="replace").read()
         return result.stdout
 
     def __repr__(self) -> str:
