@@ -210,6 +210,50 @@ def test_what_a_test_leaves_behind_dies_with_it_and_writes_stay_inside(pytester)
     assert not _processes_with_argv(["sleep", "300.5"])
 
 
+def test_tmp_holds_what_fixtures_made_there_and_keeps_what_the_test_writes(pytester):
+    """Under the private /tmp lies the host's, copy-on-write: a module fixture's tempfile.mkdtemp()
+    is seen (python-dateutil's suite does this), what the test writes there stays in its sandbox."""
+    pytester.makepyfile(textwrap.dedent("""
+        import os, shutil, tempfile, pytest
+
+        @pytest.fixture(scope="module")
+        def data_dir():
+            where = tempfile.mkdtemp(prefix="nsbox-fixture-", dir="/tmp")
+            with open(os.path.join(where, "zone"), "w") as f:
+                f.write("made by the fixture")
+            yield where
+            assert sorted(os.listdir(where)) == ["zone"]  # the tests' writes stayed in their sandboxes
+            with open(os.path.join(where, "zone")) as f:
+                assert f.read() == "made by the fixture"
+            shutil.rmtree(where)
+
+        @pytest.mark.parametrize("n", range(2))
+        def test_sees_and_changes_it(data_dir, n):
+            with open(os.path.join(data_dir, "zone")) as f:
+                assert f.read() == "made by the fixture"
+            with open(os.path.join(data_dir, "zone"), "a") as f:
+                f.write(" and changed by a test")
+            with open(os.path.join(data_dir, f"new-{n}"), "w") as f:
+                f.write("x")
+            assert sorted(os.listdir(data_dir)) == [f"new-{n}", "zone"]
+    """))
+    result = pytester.runpytest_subprocess("--nsbox-isolate", "-W", "error::pytest_nsbox.NsboxWarning")
+    result.assert_outcomes(passed=2)
+
+
+def test_hypothesis_keeps_its_example_database_as_in_a_plain_run(pytester):
+    pytester.makepyfile(textwrap.dedent("""
+        from hypothesis import given, strategies as st
+
+        @given(st.integers())
+        def test_property(n):
+            assert n + 0 == n
+    """))
+    result = pytester.runpytest_subprocess("--nsbox-isolate", "-W", "error")  # no "database unusable" warning
+    result.assert_outcomes(passed=1)
+    assert (pytester.path / ".hypothesis" / "examples").is_dir()
+
+
 def test_what_a_test_started_is_gone_before_the_next_test_starts(pytester):
     pytester.makepyfile(textwrap.dedent("""
         import os, subprocess, threading, time, pytest

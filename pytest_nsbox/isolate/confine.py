@@ -8,6 +8,8 @@ network="none"), and `confine()`, in that child, makes what it sees:
 - the host's filesystem, every mount read-only, but the paths it may write (`writable`: pytest's
   basetemp, and what the user lists), bound back writable;
 - a private, sized /tmp and /dev/shm (the writable paths below them bound back in), a fresh /proc;
+  under the private /tmp lies the host's, copy-on-write: files that setup and session fixtures
+  made there (tempfile.mkdtemp() is common) are seen, what the test writes there is its own;
 - the user's own uid and gid: tests that check os.getuid() or file owners see no change;
 - the PID cap (RLIMIT_NPROC in this user namespace, or the cgroup the parent made), no_new_privs,
   the syscall filter, a fresh session keyring.
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
 FLAGS = (kernel.CLONE_NEWUSER | kernel.CLONE_NEWNS | kernel.CLONE_NEWPID | kernel.CLONE_NEWIPC
          | kernel.CLONE_NEWUTS)
 PRIVATE_PLACES = ("/tmp", "/dev/shm")
+HOST_VIEW = "/tmp"  # the private place laid over a copy-on-write view of the host's
 
 
 def fork(network: str, cgroup_fd: int = -1) -> tuple[int, int]:
@@ -72,8 +75,9 @@ def places(writable: tuple[str, ...], visible: tuple[str, ...]) -> Places:
 
 
 def confine(uid: int, gid: int, where: Places, network: str, tmpfs_size: int, pids_max: int | None,
-            rlimit_pids: bool, memory_max: int | None, rlimit_memory: bool, filter_syscalls: bool) -> None:
-    """In the child fork() made: build its sandbox.  Raises KernelError naming the failed step."""
+            rlimit_pids: bool, memory_max: int | None, rlimit_memory: bool, filter_syscalls: bool) -> list[str]:
+    """In the child fork() made: build its sandbox.  Raises KernelError naming the failed step;
+    returns notes on what was done differently (a /tmp without the host's under it)."""
     kernel.write_id_maps(uid, gid, inner_uid=uid, inner_gid=gid)
     kernel.unshare(kernel.CLONE_NEWCGROUP)  # rooted at the test's cgroup (the parent placed us)
     kernel.mount(None, "/", None, MS_REC | MS_PRIVATE, operation="make mounts private")
@@ -81,13 +85,13 @@ def confine(uid: int, gid: int, where: Places, network: str, tmpfs_size: int, pi
     kernel.make_tree_read_only("/")
     taken = {path for path, _fd in holes}
     holes += _take([path for path in where.hidden if not _under_any(path, taken)])  # read-only clones now
-    links = where.links
-    inodes = max(4096, tmpfs_size // 4096)
+    notes = []
     for place in PRIVATE_PLACES:
         if os.path.isdir(place):
-            kernel.mount("tmpfs", place, "tmpfs", MS_NOSUID | MS_NODEV,
-                         f"mode=1777,size={tmpfs_size},nr_inodes={inodes}", operation=f"mount a private {place}")
-    for link, target in links:
+            note = _private(place, tmpfs_size, copy_of_host=place == HOST_VIEW)
+            if note:
+                notes.append(note)
+    for link, target in where.links:  # only needed where /tmp is empty, but harmless where not
         _make_link(link, target)
     kernel.mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, operation="mount /proc")
     # Outer paths first: a writable basetemp inside a read-only project stays on top of it.
@@ -113,6 +117,35 @@ def confine(uid: int, gid: int, where: Places, network: str, tmpfs_size: int, pi
         seccomp.install()
     else:
         kernel.set_no_new_privs()
+    return notes
+
+
+def _private(place: str, tmpfs_size: int, copy_of_host: bool) -> str | None:
+    """A sized tmpfs over `place`; with `copy_of_host`, the host's `place` laid under it,
+    copy-on-write (an overlay whose upper layer is in the tmpfs): what setup and session fixtures
+    left there is seen, what the test writes there is its own.  A note if that could not be done."""
+    lower = os.open(place, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) if copy_of_host else -1
+    try:
+        inodes = max(4096, tmpfs_size // 4096)
+        kernel.mount("tmpfs", place, "tmpfs", MS_NOSUID | MS_NODEV,
+                     f"mode=1777,size={tmpfs_size},nr_inodes={inodes}", operation=f"mount a private {place}")
+        if lower < 0:
+            return None
+        upper, work = f"{place}/.nsbox-upper", f"{place}/.nsbox-work"  # hidden by the overlay over them
+        os.mkdir(upper, 0o755)
+        os.mkdir(work, 0o700)
+        os.chmod(upper, 0o1777)  # as /tmp: the overlay's root takes its upper dir's mode
+        try:
+            kernel.mount("overlay", place, "overlay", MS_NOSUID | MS_NODEV,
+                         f"lowerdir=/proc/self/fd/{lower},upperdir={upper},workdir={work},userxattr",
+                         operation=f"lay the host's {place} under the private one")
+        except OSError as exc:
+            return (f"{place} is private and empty in isolated tests: the host's could not be laid under "
+                    f"it ({exc}); files fixtures made there are not seen")
+        return None
+    finally:
+        if lower >= 0:
+            os.close(lower)
 
 
 def _take(paths: Sequence[str]) -> list[tuple[str, int]]:

@@ -36,6 +36,7 @@ from _pytest.reports import TestReport
 from _pytest.runner import call_and_report, show_test_item
 
 from ..engine import caps, seccomp
+from ..errors import NsboxWarning
 from . import confine, transport
 
 if TYPE_CHECKING:
@@ -82,6 +83,32 @@ def _must_see(config: pytest.Config) -> tuple[str, ...]:
         if where and where.startswith(confine.PRIVATE_PLACES) and "." not in name:
             seen.append(os.path.dirname(where))
     return tuple(p for p in seen if p and os.path.isabs(p) and os.path.exists(p))
+
+
+def caches_tests_write() -> tuple[str, ...]:
+    """Caches that plugins write from inside the test call, so writable in isolated tests as in a
+    plain run: Hypothesis's example database (`.hypothesis/` in the current directory, or
+    $HYPOTHESIS_STORAGE_DIRECTORY, or where the active settings profile puts it).  Made here if
+    missing, as Hypothesis would make them, so that they can be bound in."""
+    if "hypothesis" not in sys.modules:
+        return ()
+    places = [os.environ.get("HYPOTHESIS_STORAGE_DIRECTORY") or os.path.join(os.getcwd(), ".hypothesis")]
+    try:
+        from hypothesis import settings
+        database = settings.default.database
+    except Exception:  # noqa: BLE001 - an unusual Hypothesis: its default place still holds
+        database = None
+    path = getattr(database, "path", None)  # DirectoryBasedExampleDatabase
+    if isinstance(path, (str, os.PathLike)):
+        places.append(os.fspath(path))
+    made = []
+    for place in dict.fromkeys(os.path.abspath(p) for p in places):
+        try:
+            os.makedirs(place, exist_ok=True)
+        except OSError:
+            continue  # read-only here too: Hypothesis falls back to memory, in both runs alike
+        made.append(place)
+    return tuple(made)
 
 
 def run_protocol(item: pytest.Item, nextitem: pytest.Item | None, isolation: Isolation) -> bool:
@@ -201,7 +228,7 @@ def _child(item: pytest.Item, isolation: Isolation, plan: caps.CapPlan, ids: tup
         confine.die_with(parent)
         os.close(parent)
         settings = isolation.settings
-        confine.confine(*ids, confine.places(isolation.writable, isolation.visible), settings.network,
+        notes = confine.confine(*ids, confine.places(isolation.writable, isolation.visible), settings.network,
                         caps.tmpfs_size(settings.tmpfs_size, settings.memory_max, caps.default_tmpfs_size()),
                         settings.pids_max, plan.mechanism == "rlimit",
                         settings.memory_max, plan.memory_mechanism == "rlimit", settings.seccomp)
@@ -212,6 +239,8 @@ def _child(item: pytest.Item, isolation: Isolation, plan: caps.CapPlan, ids: tup
             raise RuntimeError("the test process could not place the test in its cgroup")
         logged = transport.LoggedHere(item)
         with warnings.catch_warnings(record=True) as caught:  # under the filters pytest set
+            for note in notes:
+                warnings.warn(NsboxWarning(f"nsbox: {note}"))
             report = call_and_report(item, "call", log=False)
         alone = _end_the_rest()
         payload = {**transport.collect(item, report, logged, caught), "alone": alone}

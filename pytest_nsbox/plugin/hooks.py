@@ -249,7 +249,7 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
         # Only marked tests get here (run-wide isolation refuses --pdb): they run unisolated.
         item.warn(pytest.PytestWarning(f"{item.nodeid} runs without isolation under --pdb/--trace"))
         return None
-    from ..isolate.protocol import Isolation, must_see, run_protocol
+    from ..isolate.protocol import Isolation, caches_tests_write, must_see, run_protocol
     config.stash[_ISOLATING] = True
     options = config.stash[_OPTIONS]
     try:
@@ -260,7 +260,8 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
                                                source=item.nodeid)
     except NsboxError as exc:
         return run_protocol(item, nextitem, Isolation(None, (), (), f"nsbox: {exc}"))
-    writable = (str(config._tmp_path_factory.getbasetemp()), *options.isolate_writable)  # type: ignore[attr-defined]
+    writable = (str(config._tmp_path_factory.getbasetemp()), *options.isolate_writable,  # type: ignore[attr-defined]
+                *caches_tests_write())
     visible = must_see(config)
     if _makes_sandboxes(item):
         # The rootfs store is read-only inside: fetch and extract the test's rootfs out here, once.
