@@ -367,6 +367,26 @@ def set_controlling_terminal(fd: int) -> None:
     _check(_libc.ioctl(fd, _TIOCSCTTY, 0), "make the controlling terminal", fd_path(fd))
 
 
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
+def drop_capabilities() -> None:
+    """Give up every capability (effective, permitted, inheritable; ambient goes with them): a
+    process that owns its user namespace holds them all there, which lets it read its own files
+    whatever their mode, as a normal user cannot."""
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    nothing = (_CapData * 2)()
+    _check(_libc.capset(ctypes.byref(header), nothing), "drop capabilities")
+
+
 def set_no_new_privs() -> None:
     """No exec may grant privileges again (setuid bits, file capabilities); needed for seccomp."""
     prctl(PR_SET_NO_NEW_PRIVS, 1)

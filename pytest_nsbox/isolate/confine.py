@@ -10,7 +10,8 @@ network="none"), and `confine()`, in that child, makes what it sees:
 - a private, sized /tmp and /dev/shm (the writable paths below them bound back in), a fresh /proc;
   under the private /tmp lies the host's, copy-on-write: files that setup and session fixtures
   made there (tempfile.mkdtemp() is common) are seen, what the test writes there is its own;
-- the user's own uid and gid: tests that check os.getuid() or file owners see no change;
+- the user's own uid and gid, and for a normal user no capability: tests that check os.getuid(),
+  file owners or permissions see no change;
 - the PID cap (RLIMIT_NPROC in this user namespace, or the cgroup the parent made), no_new_privs,
   the syscall filter, a fresh session keyring.
 
@@ -113,6 +114,10 @@ def confine(uid: int, gid: int, where: Places, network: str, tmpfs_size: int, pi
         # The test process is a copy of pytest, already this big: the cap is on what it adds.
         limit = _address_space() + memory_max
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    if uid != 0:
+        # As the user is outside: no capability, so a file's mode holds for its owner too (a test
+        # that chmods a file to 0 and expects EACCES sees it). Root keeps root's, as outside.
+        kernel.drop_capabilities()
     if filter_syscalls:
         seccomp.install()
     else:
