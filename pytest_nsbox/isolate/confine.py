@@ -140,6 +140,8 @@ def _private(place: str, tmpfs_size: int, copy_of_host: bool) -> str | None:
         os.mkdir(upper, 0o755)
         os.mkdir(work, 0o700)
         os.chmod(upper, 0o1777)  # as /tmp: the overlay's root takes its upper dir's mode
+        # The lower layer by our own descriptor, taken before the tmpfs covered the path: nothing
+        # of the test runs yet, and /proc is still the host's, so the magic link is ours alone.
         try:
             kernel.mount("overlay", place, "overlay", MS_NOSUID | MS_NODEV,
                          f"lowerdir=/proc/self/fd/{lower},upperdir={upper},workdir={work},userxattr",

@@ -21,6 +21,7 @@ loopback.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import select
@@ -101,8 +102,14 @@ def caches_tests_write() -> tuple[str, ...]:
     path = getattr(database, "path", None)  # DirectoryBasedExampleDatabase
     if isinstance(path, (str, os.PathLike)):
         places.append(os.fspath(path))
+    return _made(tuple(dict.fromkeys(os.path.abspath(p) for p in places)))
+
+
+@functools.lru_cache(maxsize=8)
+def _made(places: tuple[str, ...]) -> tuple[str, ...]:
+    """Those of `places` that exist or could be made: once per session, not once per test."""
     made = []
-    for place in dict.fromkeys(os.path.abspath(p) for p in places):
+    for place in places:
         try:
             os.makedirs(place, exist_ok=True)
         except OSError:
