@@ -9,9 +9,16 @@ sandboxes over a socket::
                                └─ init     (PID 1 of a sandbox: clone3 with every CLONE_NEW*;
                                              dies with the spawner: PDEATHSIG)
 
+The spawner is unconfined and builds whatever a request names (binds of host paths included), and
+its socket is a descriptor that a fork of the test process inherits.  So it serves the test
+process alone: the kernel tells it who sent each message (SCM_CREDENTIALS), it drops every other
+sender's unread (and never installs a descriptor that came with a message), and it answers on a
+second socket, whose copy every fork of the owner closes, each answer with the id of its request.
+It leaves when its owner dies, even if a fork still holds the socket.
+
 Every sandbox and every command is a clone of a process the size of the spawner, and on virtual
 machines a clone costs more the more memory it copies.  So the modules the spawner loads (this
-one, init, layout, kernel, seccomp, caps, protocol) import only small parts of the stdlib: no
+one, init, layout, kernel, seccomp, caps, protocol, transfer) import only small parts of the stdlib: no
 typing, dataclasses, pathlib, hashlib or threading.
 """
 
@@ -40,8 +47,12 @@ def namespace_flags(network: str) -> int:
 
 
 class Spawner:
-    def __init__(self, control: socket.socket):
-        self.control = control
+    def __init__(self, control: socket.socket, replies: socket.socket, owner: int, owner_pidfd: int):
+        self.control = control  # requests come in here
+        self.replies = replies  # answers go out here
+        self.owner = owner  # its PID, as the kernel names the sender of each message
+        self.owner_pidfd = owner_pidfd
+        self.request_id: object = None  # of the request being served, echoed in its answer
         # Every init checks this after arming its death signal: a pidfd reads ready once we are gone.
         self.alive = os.pidfd_open(os.getpid())
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -64,30 +75,48 @@ class Spawner:
         signal.set_wakeup_fd(self.wake_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)
         while True:
-            ready, _, _ = select.select([self.control, self.wake_r], [], [])
+            ready, _, _ = select.select([self.control, self.wake_r, self.owner_pidfd], [], [])
             if self.wake_r in ready:
                 os.read(self.wake_r, 512)
                 self.reap()
+            if self.owner_pidfd in ready:
+                self.shutdown()  # a fork that holds the socket would keep us waiting for EOF
+                return
             if self.control in ready:
-                message, fds = protocol.receive(self.control, socket.MSG_DONTWAIT)
+                try:
+                    message = protocol.receive_from(self.control, self.owner, socket.MSG_DONTWAIT)
+                except (protocol.Dropped, BlockingIOError):
+                    continue  # another process's, or not a message: it costs the sender only
                 if message is None:
                     self.shutdown()
                     return
-                for fd in fds:
-                    os.close(fd)
-                self.handle(message)
+                self.answer(message)
+
+    def answer(self, message: dict[str, Any]) -> None:
+        """Serve one request of the owner's; the answer echoes its id."""
+        self.request_id = message.get("id")
+        try:
+            self.handle(message)
+        except Exception as exc:  # noqa: BLE001 - a bad request fails alone, not every sandbox
+            self.reply({"op": "error", "message": f"the spawner could not serve {message.get('op')!r}: {exc!r}"})
+
+    def reply(self, message: dict[str, Any], fds: list[int] | tuple[int, ...] = ()) -> None:
+        try:
+            # Never wait on the owner: its end holds nothing unless it stopped reading.
+            protocol.send(self.replies, {**message, "id": self.request_id}, fds, socket.MSG_DONTWAIT)
+        except OSError:
+            pass  # it gave up on answers that now fill its end, or is leaving: what we made is dropped
 
     def handle(self, message: dict[str, Any]) -> None:
         op = message["op"]
         if op == "create":
             self.create(message["spec"])
         elif op == "hello":
-            protocol.send(self.control, {"op": "hello", "caps": self.plan.to_json()})
+            self.reply({"op": "hello", "caps": self.plan.to_json()})
         elif op == "probe":
-            protocol.send(self.control, {"op": "probed", "caps": self.plan.to_json(),
-                                         **probe(message.get("network", "none"))})
+            self.reply({"op": "probed", "caps": self.plan.to_json(), **probe(message.get("network", "none"))})
         else:
-            protocol.send(self.control, {"op": "error", "message": f"unknown request {op!r}"})
+            self.reply({"op": "error", "message": f"unknown request {op!r}"})
 
     def create(self, spec: dict[str, Any]) -> None:
         key = repr(sorted(spec.items()))  # specs are plain values: equal specs, equal keys
@@ -100,11 +129,10 @@ class Spawner:
             try:
                 sock, pidfd, info = self.build(spec)
             except OSError as exc:
-                protocol.send(self.control, {"op": "error", "message": str(exc),
-                                             "unavailable": _unavailable(exc)})
+                self.reply({"op": "error", "message": str(exc), "unavailable": _unavailable(exc)})
                 return
-        protocol.send(self.control, info, [sock.fileno(), pidfd])
-        sock.close()
+        self.reply(info, [sock.fileno(), pidfd])
+        sock.close()  # if the owner stopped waiting, init reads EOF and ends the sandbox
         os.close(pidfd)
         while len(self.spares) < self.prefork:
             try:
@@ -181,6 +209,8 @@ class Spawner:
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         self.control.close()
+        os.close(self.owner_pidfd)
+        self.replies.close()
         os.close(self.wake_r)
         os.close(self.wake_w)
         if cgroup_fd >= 0:
@@ -306,15 +336,19 @@ def _shun_the_oom_killer() -> None:
         os.close(fd)
 
 
-def main(control_fd: int) -> None:
-    """Entry point: `python -I -S -c "...main(FD)"`, started once by the test process."""
-    os.set_inheritable(control_fd, False)
+def main(control_fd: int, replies_fd: int, owner: int, owner_pidfd: int) -> None:
+    """Entry point: `python -I -S -c "...main(FD, FD, OWNER_PID, OWNER_PIDFD)"`, started once by
+    the test process, which passes our end of the sockets for requests and for answers, its own
+    PID (as our PID namespace numbers it) and a pidfd of itself."""
+    for fd in (control_fd, replies_fd, owner_pidfd):
+        os.set_inheritable(fd, False)
     control = socket.socket(fileno=control_fd)
     try:
+        protocol.require_credentials(control)  # the owner set it already, before its first request
         kernel.set_process_name("nsbox-spawner")
         kernel.become_subreaper()
         _shun_the_oom_killer()
-        Spawner(control).serve()
+        Spawner(control, socket.socket(fileno=replies_fd), owner, owner_pidfd).serve()
     except BaseException as exc:  # noqa: BLE001 - tell the owner why, instead of dying silently
         try:
             protocol.send(control, {"op": "error", "message": f"spawner failed: {exc!r}"})
