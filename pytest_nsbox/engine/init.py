@@ -24,7 +24,7 @@ import signal
 import socket
 import time
 
-from . import kernel, layout, protocol, seccomp
+from . import kernel, layout, protocol, seccomp, transfer
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: the spawner must not import typing (see spawner.py)
 if TYPE_CHECKING:
@@ -36,6 +36,10 @@ COMMAND_FLAGS = kernel.CLONE_NEWUSER | kernel.CLONE_NEWNS
 _NS_GET_PARENT = 0xB702  # _IO(0xb7, 0x2): the user namespace one level up
 #: After this long, a fork bomb still refilling a command's processes gets the whole sandbox killed.
 KILL_PATIENCE = 0.5
+#: How long a command's process may take from clone to exec (or, for a file transfer, to being
+#: ready): well under a millisecond, unless something in the sandbox stopped it — any command may
+#: signal another, they share the uid — and init must never wait on one for ever.
+EXEC_PATIENCE = 5.0
 #: Commands are the out-of-memory killer's first choice, before init (raising needs no privilege).
 COMMAND_OOM_SCORE_ADJ = b"500"
 
@@ -70,8 +74,6 @@ class Init:
             layout.bring_up_loopback()
             sysctls.update(layout.private_network_sysctls())
         layout.write_sysctls(sysctls)
-        if spec.get("protect_proc"):
-            layout.protect_proc()
         self.proc = os.open("/proc", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.devpts = os.open("/dev/pts", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         if self.go >= 0:
@@ -80,7 +82,11 @@ class Init:
                 raise kernel.KernelError(errno.ESRCH, "join the sandbox's cgroup", None,
                                          "the spawner could not place the sandbox in it")
             os.close(self.go)
-        kernel.unshare(kernel.CLONE_NEWCGROUP)  # rooted at our own cgroup, wherever that is
+        layout.own_cgroup_namespace()  # rooted at our own cgroup, wherever that is
+        # No command may make one, so none can mount cgroupfs (its knob must still be writable).
+        layout.forbid_cgroup_namespaces()
+        if spec.get("protect_proc"):
+            layout.protect_proc()
         self.own_userns = os.stat("self/ns/user", dir_fd=self.proc).st_ino
         namespaces = {name: os.readlink(f"self/ns/{name}", dir_fd=self.proc)
                       for name in kernel.NAMESPACE_FLAGS}
@@ -236,8 +242,9 @@ class Init:
                                       "error": f"the sandbox's lifetime of {self.spec['timeout']} s expired"})
             return
         argv, env, cwd = message["argv"], message["env"], message["cwd"]
+        moves = message.get("transfer")  # read_file/write_file: our own code, no program to find
         try:
-            path = _which(argv[0], env.get("PATH", ""))
+            path = "" if moves else _which(argv[0], env.get("PATH", ""))
             if not os.path.isdir(cwd):
                 raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), cwd)
         except OSError as exc:
@@ -254,11 +261,19 @@ class Init:
             self._failed(request_id, exc.errno or 0, self._clone_failure(exc, argv))
             return
         if pid == 0:
-            _become(path, argv, env, cwd, stdio, err_w, limit, bool(message.get("tty")))
+            _become(path, argv, env, cwd, stdio, err_w, limit, bool(message.get("tty")), moves)
         os.close(pidfd)
         os.close(err_w)
-        with os.fdopen(err_r, "rb") as f:
-            said = f.read()
+        try:
+            said = _hear_from(err_r, pid)
+        finally:
+            os.close(err_r)
+        if said is None:
+            os.waitpid(pid, 0)
+            self._failed(request_id, 0, f"cannot start {argv[0]}: its process did not get to exec within "
+                         f"{EXEC_PATIENCE:g} s, and was killed (something in the sandbox stopped it: "
+                         "SIGSTOP?)")
+            return
         # The child's first 8 bytes are its tag; anything after them says why it did not exec.
         tag, failure = int.from_bytes(said[:8], "little"), said[8:]
         if failure or len(said) < 8:
@@ -280,7 +295,7 @@ class Init:
 
 
 def _become(path: str, argv: list[str], env: dict[str, str], cwd: str, stdio: list[int | None],
-            err_w: int, memory_limit: int | None, tty: bool = False) -> None:
+            err_w: int, memory_limit: int | None, tty: bool = False, moves: list | None = None) -> None:
     """In the cloned child, in its own user and mount namespaces: become the command.  Never returns.
 
     Until exec this process is a copy of init, and like init not dumpable, so not even init may
@@ -312,6 +327,12 @@ def _become(path: str, argv: list[str], env: dict[str, str], cwd: str, stdio: li
         for sig in (signal.SIGPIPE, signal.SIGXFSZ):  # ignored by Python; exec keeps that
             signal.signal(sig, signal.SIG_DFL)
         os.chdir(cwd)
+        if moves:
+            # A file transfer (transfer.py): this process does it itself, and never execs.  Init
+            # hears "started" now, so that nothing the file does can keep it waiting.
+            os.close(err_w)
+            kernel.set_process_name("nsbox-transfer")
+            _transfer_and_exit(moves)
         # Not os.execvpe: it imports `warnings` lazily, and the host's stdlib is gone after pivot_root.
         os.execve(path, argv, env)
     except OSError as exc:
@@ -319,6 +340,31 @@ def _become(path: str, argv: list[str], env: dict[str, str], cwd: str, stdio: li
     except BaseException as exc:  # noqa: BLE001 - report whatever stopped us, then leave
         os.write(err_w, marshal.dumps((0, repr(exc))))
     os._exit(127)
+
+
+def _hear_from(fd: int, pid: int) -> bytes | None:
+    """What a command's process says before it execs (its tag, then why exec failed, if it did),
+    until it closes its end; None, once it is killed, if that took more than EXEC_PATIENCE."""
+    said = b""
+    deadline = time.monotonic() + EXEC_PATIENCE
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            _kill(pid, signal.SIGKILL)
+            return None
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            return said
+        said += chunk
+
+
+def _transfer_and_exit(moves: list) -> None:
+    """Never returns: past this point nothing may fall back into init's code (err_w is closed)."""
+    try:
+        code = transfer.serve(moves)
+    except BaseException:  # noqa: BLE001 - whatever it was, this process ends here
+        code = 125
+    os._exit(code)
 
 
 def _write_file(path: str, data: bytes) -> None:

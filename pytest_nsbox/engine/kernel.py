@@ -136,6 +136,10 @@ def unshare_hint(err: int, flags: int) -> str:
     if err == errno.ENOSPC:
         if hints.read("/proc/sys/user/max_user_namespaces").strip() == "0":
             return hints.userns_refused()  # zero: disabled, which it says with its fix
+        if flags & CLONE_NEWCGROUP:
+            return ("either the user namespace limit is reached (`sysctl user.max_user_namespaces`), "
+                    "or cgroup namespaces are forbidden here: every pytest-nsbox sandbox and isolated "
+                    "test sets user.max_cgroup_namespaces to 0 for what runs inside it")
         return ("the user namespace limit is reached: check `sysctl user.max_user_namespaces` "
                 "and raise it (e.g. `sudo sysctl -w user.max_user_namespaces=15000`)")
     if err in (errno.EPERM, errno.EACCES):
@@ -194,7 +198,10 @@ _MOVE_MOUNT_F_EMPTY_PATH = 4
 _MOVE_MOUNT_T_EMPTY_PATH = 0x40
 _AT_EMPTY_PATH = 0x1000
 _AT_RECURSIVE = 0x8000
-_MOUNT_ATTR_RDONLY = 1
+MOUNT_ATTR_RDONLY = 1
+MOUNT_ATTR_NOSUID = 2
+MOUNT_ATTR_NODEV = 4
+_MOUNT_ATTR_RDONLY = MOUNT_ATTR_RDONLY
 
 
 class _MountAttr(ctypes.Structure):

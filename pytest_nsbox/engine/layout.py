@@ -28,6 +28,7 @@ import stat
 import struct
 
 from . import kernel
+from .kernel import MOUNT_ATTR_NODEV, MOUNT_ATTR_NOSUID, MOUNT_ATTR_RDONLY
 from .kernel import MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_PRIVATE, MS_REC
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: the spawner must not import typing (see spawner.py)
@@ -43,10 +44,15 @@ STAGING = "/tmp"
 #: Writable places carved out of the staging tmpfs: name -> mode.
 WRITABLE = {"tmp": 0o1777, "run": 0o755, "shm": 0o1777}
 #: Kernel knobs under /proc that host root could write through any procfs (bubblewrap's list).
-PROC_READ_ONLY = ("sys", "sysrq-trigger", "irq", "bus")
+PROC_READ_ONLY = ("sys", "sysrq-trigger", "irq", "bus", "fs")
 #: Where binds may not go (nor onto / itself), whatever the rootfs's symlinks say.
 RESERVED = ("/proc", "/dev")
 _IN_ROOT = kernel.RESOLVE_IN_ROOT | kernel.RESOLVE_NO_MAGICLINKS
+#: Every mount taken from the host: a device node on it never opens, setuid bits are inert.  When
+#: uid 0 inside is the host's root it passes a root-owned node's mode, and a block device planted
+#: in a bound directory would be a disk.  Commands cannot clear these: their mount namespaces
+#: belong to less privileged user namespaces, so the kernel locks the flags.
+HOST_MOUNT_ATTRIBUTES = MOUNT_ATTR_NODEV | MOUNT_ATTR_NOSUID
 
 
 class BindSpec:
@@ -74,7 +80,7 @@ def build(tree: str, binds: list[BindSpec], host_network: bool, tmpfs_size: int,
     devices = {name: kernel.clone_mount(f"/dev/{name}") for name in DEVICES}
     if host_root:
         lower = kernel.clone_mount("/", recursive=True)
-        kernel.set_read_only(lower, recursive=True)
+        kernel.set_mount_attributes(lower, MOUNT_ATTR_RDONLY | HOST_MOUNT_ATTRIBUTES, recursive=True)
     else:
         lowers = [_open_tree_dir(path) for path in (tree, *layers)]
 
@@ -92,7 +98,8 @@ def build(tree: str, binds: list[BindSpec], host_network: bool, tmpfs_size: int,
     else:
         # overlayfs lists lower layers top first.
         stack = ":".join(f"/proc/self/fd/{fd}" for fd in reversed(lowers))
-        kernel.mount("overlay", new_root, "overlay", 0,
+        # A user namespace's overlay is nodev anyway (SB_I_NODEV); said here so it stays so.
+        kernel.mount("overlay", new_root, "overlay", MS_NOSUID | MS_NODEV,
                      f"lowerdir={stack},upperdir={STAGING}/upper,workdir={STAGING}/work,userxattr")
         for fd in lowers:
             os.close(fd)  # from here on, nothing of the host is open for the rootfs to reach
@@ -131,10 +138,15 @@ def build(tree: str, binds: list[BindSpec], host_network: bool, tmpfs_size: int,
 
 
 def _clone_source(bind: BindSpec) -> int:
-    """A detached clone of a bind's source, read-only to its last submount unless `rw`."""
+    """A detached clone of a bind's source, nodev and nosuid, and read-only unless `rw`, to its
+    last submount."""
     fd = kernel.clone_mount(bind.source, recursive=True)
-    if not bind.rw:
-        kernel.set_read_only(fd, recursive=True)
+    attributes = HOST_MOUNT_ATTRIBUTES | (0 if bind.rw else MOUNT_ATTR_RDONLY)
+    try:
+        kernel.set_mount_attributes(fd, attributes, recursive=True)
+    except BaseException:
+        os.close(fd)
+        raise
     return fd
 
 
@@ -286,6 +298,52 @@ def protect_proc() -> None:
             kernel.attach_mount(fd, path, path)
         finally:
             os.close(fd)
+
+
+def own_cgroup_namespace() -> bool:
+    """Enter a cgroup namespace rooted at our own cgroup: /proc/self/cgroup shows `/` inside.
+
+    False where cgroup namespaces are forbidden already (we run in a sandbox, or an isolated test,
+    that called forbid_cgroup_namespaces): we stay in the enclosing one, which nobody here may
+    mount either, since its user namespace is not ours.
+    """
+    try:
+        kernel.unshare(kernel.CLONE_NEWCGROUP)
+    except kernel.KernelError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        return False
+    return True
+
+
+CGROUP_NAMESPACES_MAX = "user/max_cgroup_namespaces"
+
+
+def forbid_cgroup_namespaces(proc: str = "/proc") -> None:
+    """From now on, no process in our user namespace or any below it may make a cgroup namespace.
+
+    Mounting cgroupfs takes CAP_SYS_ADMIN over the user namespace that owns the caller's cgroup
+    namespace.  A command owns its own user namespace, so a cgroup namespace it made would let it
+    mount every cgroup v1 hierarchy, and, when uid 0 is the host's root, write its own pids.max
+    and memory limit or (for a controller we made no cgroup in) the host's cgroups.  Without one
+    it is left with ours, which it cannot mount.  The per-user-namespace counts nest: a limit of 0
+    here holds in every user namespace below, whatever they set for themselves.
+
+    The knob written is the calling process's user namespace's, whichever /proc it goes through.
+    Call it after making our own cgroup namespace, while we still hold CAP_SYS_RESOURCE in our
+    user namespace, and before /proc/sys is made read-only.
+    """
+    path = f"{proc}/sys/{CGROUP_NAMESPACES_MAX}"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, b"0")
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise kernel.KernelError(exc.errno or 0, "forbid cgroup namespaces: write 0 to", path,
+                                 "it needs CAP_SYS_RESOURCE in this process's user namespace and a "
+                                 "writable /proc/sys (this is a bug in pytest-nsbox)") from None
 
 
 def set_hostname(name: str) -> None:

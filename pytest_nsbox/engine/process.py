@@ -236,6 +236,16 @@ class SandboxProcess:
         for name in ("stdin", "stdout", "stderr"):
             self._close_stream(name)
 
+    def _descriptors(self) -> list[int]:
+        """Our ends of the command's pipes (an isolated test may read a fixture's server)."""
+        fds = []
+        for stream in (self.stdin, self.stdout, self.stderr):
+            try:
+                fds.append(stream.fileno())  # type: ignore[union-attr]
+            except (AttributeError, OSError, ValueError):
+                pass
+        return fds
+
     def __enter__(self) -> SandboxProcess:
         return self
 

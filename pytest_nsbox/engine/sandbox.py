@@ -24,14 +24,18 @@ from ..settings import BASE_ENV, DEFAULT_OUTPUT_MAX, DEFAULT_PIDS_MAX, Mount, Sa
 from . import caps, protocol, saving, services
 from .channel import Channel
 from .client import Spawner
-from .process import (CLOSE_TIMEOUT as _CLOSE_TIMEOUT, PIPE, Command, CommandRecord, ExitInfo, SandboxProcess,
-                      Streams, check_timeout as _check_timeout)
+from .process import (CLOSE_TIMEOUT as _CLOSE_TIMEOUT, DEVNULL, PIPE, Command, CommandRecord, ExitInfo,
+                      SandboxProcess, Streams, check_timeout as _check_timeout, encode)
 from .services import PublishedPort
 #: How long init may take to report ready or to answer an exec: milliseconds when it is well.
 _ANSWER_TIMEOUT = 30.0
 _OUT_OF_MEMORY = re.compile(r"out of memory|cannot allocate memory|MemoryError|std::bad_alloc", re.I)
 _READ_CHUNK = 1 << 16
+#: How long read_file and write_file may take by default: milliseconds when nothing stalls them.
+FILE_TIMEOUT = 60.0
 _UNSET: Any = object()  # run(output_max=None) means "no cap", so "not given" needs its own value
+#: The sandboxes this process holds open: an isolated test keeps their descriptors (isolate/descriptors.py).
+_LIVE: weakref.WeakSet[Sandbox] = weakref.WeakSet()
 
 
 def _output_max(value: int | str | None) -> int | None:
@@ -165,6 +169,7 @@ class Sandbox:
                              plan.memory_mechanism if self.settings.memory_max else None,
                              info.get("cgroup"), info["tmpfs_size"])
         channel = self._channel = Channel(sock)
+        _LIVE.add(self)
         self._deadline = time.monotonic() + self.settings.timeout if self.settings.timeout else None
         try:
             self._await_ready(channel)
@@ -197,7 +202,9 @@ class Sandbox:
         channel, self._channel = self._channel, None
         if channel is None:
             return
-        for forwarder in self._ports.values():
+        _LIVE.discard(self)
+        forwarders = list(self._ports.values())
+        for forwarder in forwarders:
             forwarder.close()
         self._ports.clear()
         for process in self._processes:
@@ -215,23 +222,37 @@ class Sandbox:
         if self._cgroup is not None:
             # Empty now; the spawner would remove it too, but close() promises it is gone.
             caps.destroy_dirs(list(self._cgroup.dirs.values()), self._cgroup.version)
+        # Last, with init dead: a relay thread waiting on init or on a connect in there is freed.
+        for forwarder in forwarders:
+            forwarder.join(_CLOSE_TIMEOUT)
+        for note in filter(None, (forwarder.refusals() for forwarder in forwarders)):
+            warnings.warn(note, NsboxWarning, stacklevel=2)
 
     @property
     def closed(self) -> bool:
         return self._channel is None
 
     # -- servers --------------------------------------------------------------------------------
-    def port(self, port: int) -> PublishedPort:
+    def port(self, port: int, *, max_connections: int | None = None) -> PublishedPort:
         """Publish the sandbox's TCP `port` on the host: `(host, port)` on 127.0.0.1, a port the
         kernel picks (no clash between xdist workers), forwarded to whatever listens on the
-        sandbox's own 127.0.0.1:`port`, now or later. With network="host" it is the port itself."""
+        sandbox's own 127.0.0.1:`port`, now or later. With network="host" it is the port itself.
+
+        At most `max_connections` (default services.MAX_CONNECTIONS, 64) are relayed at once; one
+        more is closed at once, and close() warns once of how many were. Given again, the limit
+        of a port already published changes."""
         __tracebackhide__ = True
         _check_port(port)
+        if max_connections is not None:
+            _check_max_connections(max_connections)
         self._live_channel()
         if self.settings.network == "host":
             return PublishedPort("127.0.0.1", port)
         if port not in self._ports:
-            self._ports[port] = services.Forwarder(port, self._inner_socket)
+            self._ports[port] = services.Forwarder(port, self._inner_socket,
+                                                   max_connections or services.MAX_CONNECTIONS)
+        elif max_connections is not None:
+            self._ports[port].slots.limit = max_connections
         return self._ports[port].published
 
     def wait_for_port(self, port: int, timeout: float = 10.0, process: SandboxProcess | None = None) -> PublishedPort:
@@ -315,12 +336,21 @@ class Sandbox:
         terminal: job control and ^C work as in a login shell (`nsbox shell` does this).
         """
         __tracebackhide__ = True
+        self._live_channel()
+        return self._start(args, _argv(args, shell), stdin, stdout, stderr, env, cwd, text, tty)
+
+    def _start(self, args: Command, argv: list[str], stdin: Any, stdout: Any, stderr: Any,
+               env: Mapping[str, str] | None, cwd: str | None, text: bool, tty: bool,
+               transfer: list[Any] | None = None) -> SandboxProcess:
+        """Start a command — or, with `transfer`, our own file transfer (transfer.py)."""
+        __tracebackhide__ = True
         channel = self._live_channel()
-        argv = _argv(args, shell)
         streams = Streams.make(stdin, stdout, stderr)
         request_id = channel.next_id()
         message = {"op": "exec", "id": request_id, "argv": argv, "env": self._env(env),
                    "cwd": cwd or self.settings.cwd, "stdio": streams.layout(), "tty": bool(tty)}
+        if transfer is not None:
+            message["transfer"] = transfer
         try:
             channel.send(message, streams.child_fds)
         finally:
@@ -432,7 +462,10 @@ class Sandbox:
         but not /proc, /sys, /dev or host paths bound in — as a tarball at `path`, to use as a
         rootfs spec later (`Sandbox(rootfs=path)`: extracted once, then cached by its digest).
         Made by `tar` in the sandbox (Alpine's busybox has one), and never bigger than what the
-        sandbox's filesystem holds; RootfsError if it fails."""
+        sandbox's filesystem holds; RootfsError if it fails.  Written under a fresh name, then
+        renamed onto `path`: a symlink there is replaced, never written through, and on the way to
+        its directory no symlink is followed that lies in a directory this process may write (a
+        sandbox or an isolated test could have made it): RootfsError names it."""
         __tracebackhide__ = True
         commands = len(self.history)
         self._live_channel()
@@ -441,46 +474,94 @@ class Sandbox:
         finally:
             del self.history[commands:]  # ours, not the caller's commands
 
-    def write_file(self, path: str, data: str | bytes, mode: int | None = None) -> None:
-        """Write a file inside the sandbox (in its writable layer), creating or replacing it.
+    def write_file(self, path: str | os.PathLike[str], data: str | bytes, mode: int | None = None, *,
+                   timeout: float | None = FILE_TIMEOUT) -> None:
+        """Write a regular file inside the sandbox (in its writable layer), creating or replacing
+        it, with `mode` if given; str is written as UTF-8.
 
-        Raises FileNotFoundError if its directory does not exist, IsADirectoryError if `path` is a
-        directory, as open() would.
+        Done by our own code in a process like a command's, never by the sandbox's programs.
+        FileNotFoundError if its directory does not exist, IsADirectoryError if `path` is a
+        directory, as open() would; OSError naming the path for a FIFO, a device or any other
+        failure; subprocess.TimeoutExpired after `timeout` seconds (None: no bound but the
+        sandbox's lifetime).
         """
         __tracebackhide__ = True
-        script = ('[ -d "$1" ] && { echo EISDIR >&2; exit 1; }; '
-                  '[ -d "$(dirname -- "$1")" ] || { echo ENOENT >&2; exit 1; }; cat > "$1"'
-                  + (' && chmod "$2" "$1"' if mode is not None else ""))
-        args = ["/bin/sh", "-c", script, "nsbox-write", path] + ([f"{mode:o}"] if mode is not None else [])
-        result = self.run(args, input=data, text=isinstance(data, str))
-        if result.returncode != 0:
-            raise _file_error("write", path, result.stderr)
+        if mode is not None and (isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o7777):
+            raise ConfigError(f"write_file(mode={mode!r}): a mode is an int from 0 to 0o7777, such as 0o644")
+        self._move("write", path, mode, encode(data), timeout, None)
 
-    def read_file(self, path: str, text: bool = True) -> str | bytes:
-        """A file's contents; FileNotFoundError or IsADirectoryError as open() would raise, and
-        OSError(EFBIG) for a file bigger than the sandbox's `output_max` (never a cut one)."""
+    def read_file(self, path: str | os.PathLike[str], text: bool = True, *,
+                  timeout: float | None = FILE_TIMEOUT) -> str | bytes:
+        """A regular file's contents, read by our own code in a process like a command's, never by
+        the sandbox's programs; FileNotFoundError or IsADirectoryError as open() would raise,
+        OSError(EFBIG) for a file bigger than the sandbox's `output_max` (never a cut one), OSError
+        naming the path for a FIFO, a device or any other failure, subprocess.TimeoutExpired after
+        `timeout` seconds (None: no bound but the sandbox's lifetime)."""
         __tracebackhide__ = True
         limit = self.settings.output_max
-        # At most one byte past the limit is ever read: /dev/zero ends too.
-        reader = 'exec cat -- "$1"' if limit is None else f'exec head -c {limit + 1} -- "$1"'
-        script = ('[ -d "$1" ] && { echo EISDIR >&2; exit 1; }; '
-                  '[ -e "$1" ] || { echo ENOENT >&2; exit 1; }; ' + reader)
-        result = self.run(["/bin/sh", "-c", script, "nsbox-read", path], text=False,
-                          output_max=None if limit is None else limit + 1)
-        if result.returncode != 0:
-            raise _file_error("read", path, result.stderr)
-        if limit is not None and len(result.stdout) > limit:
-            raise OSError(errno.EFBIG, f"cannot read {path} from the sandbox: it is bigger than output_max "
-                          f"({limit} bytes), the most read_file keeps in memory; give the sandbox a "
-                          "bigger output_max, or read the file in parts with run()")
+        try:
+            # (The cap is stderr's too: room for the transfer's "ERRNO detail" whatever output_max is.)
+            data = self._move("read", path, limit, None, timeout,
+                              None if limit is None else max(limit + 1, 4096))
+        except OSError as exc:
+            if exc.errno != errno.EFBIG:
+                raise
+            raise _too_big(os.fspath(path), limit or 0) from None  # refused before a byte was sent
+        if limit is not None and len(data) > limit:
+            raise _too_big(os.fspath(path), limit)  # it grew while it was read
         if text:  # as run(text=True) reads: UTF-8, universal newlines
-            return io.TextIOWrapper(io.BytesIO(result.stdout), encoding="utf-8", errors="replace").read()
-        return result.stdout
+            return io.TextIOWrapper(io.BytesIO(data), encoding="utf-8", errors="replace").read()
+        return data
+
+    def _move(self, verb: str, path: str | os.PathLike[str], arg: int | None, data: bytes | None,
+              timeout: float | None, limit: int | None) -> bytes:
+        """Run a file transfer (transfer.py: [verb, path, arg]) to its end within `timeout`, keeping
+        at most `limit` bytes of its stdout and stderr; what it wrote to stdout."""
+        __tracebackhide__ = True
+        path = os.fspath(path) if isinstance(path, os.PathLike) else path
+        if not isinstance(path, str):
+            raise ConfigError(f"{verb}_file: a path in the sandbox is a str, not {path!r}")
+        if "\0" in path:
+            raise ValueError("embedded null byte")  # as open() says
+        _check_timeout(timeout)
+        self._live_channel()
+        args = [f"{verb}_file", path]
+        process = self._start(args, args, PIPE if data is not None else None,
+                              PIPE if data is None else DEVNULL, PIPE, None, None, False, False, [verb, path, arg])
+        effective = self._effective_timeout(timeout)
+        try:
+            out, err = process._communicate(data, effective, limit)
+        except subprocess.TimeoutExpired:
+            process._finish_after_timeout()
+            raise subprocess.TimeoutExpired(f"{verb}_file({path!r}) in the sandbox", effective or 0) from None
+        finally:
+            self._processes.remove(process)
+            process._close_pipes()
+        if process._ended_with_sandbox:
+            raise SandboxClosed(f"the sandbox died during {verb}_file({path!r}): {self._why_dead()}")
+        if process.returncode != 0:
+            self._live_channel()  # the sandbox's lifetime ended it: SandboxClosed says so
+            raise _transfer_error(verb, path, process.returncode, err or b"")
+        return out or b""
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"init pid {self.init_pid}"
         rootfs = self.rootfs.describe() if self.rootfs else repr(self.settings.rootfs)
         return f"<Sandbox rootfs={rootfs} network={self.settings.network} {state}>"
+
+
+def live_descriptors() -> set[int]:
+    """The descriptors of every open sandbox of this process: init's socket and pidfd, and the
+    pipes of the commands it runs."""
+    fds = set()
+    for sandbox in list(_LIVE):
+        channel = sandbox._channel
+        if channel is None:
+            continue
+        fds.update((channel.sock.fileno(), sandbox._pidfd))
+        for process in sandbox._processes:
+            fds.update(process._descriptors())
+    return {fd for fd in fds if fd >= 0}
 
 
 def _argv(args: Command, shell: bool | None = None) -> list[str]:
@@ -502,6 +583,13 @@ def _argv(args: Command, shell: bool | None = None) -> list[str]:
 def _check_port(port: object) -> None:
     if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
         raise ConfigError(f"a port is a number from 1 to 65535, not {port!r}")
+
+
+def _check_max_connections(value: object) -> None:
+    ceiling = services.PROCESS_SLOTS.limit
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= ceiling:
+        raise ConfigError(f"max_connections is a number from 1 to {ceiling}, what all published ports of "
+                          f"this process may hold open at once (services.PROCESS_SLOTS), not {value!r}")
 
 
 def _stopped(pid: int | None) -> str:
@@ -526,16 +614,38 @@ def _exec_error(code: int, text: str, argv: list[str]) -> OSError:
     return SandboxSetupError(f"cannot start {argv!r} in the sandbox: {text}")
 
 
-def _file_error(verb: str, path: str, stderr: str | bytes) -> OSError:
-    message = (stderr.decode(errors="replace") if isinstance(stderr, bytes) else stderr).strip()
-    known = {"EISDIR": errno.EISDIR, "ENOENT": errno.ENOENT}
-    if message in known:
-        code = known[message]
-        what = "is a directory" if code == errno.EISDIR else \
-            ("does not exist" if verb == "read" else "is in a directory that does not exist")
-        return OSError(code, f"cannot {verb} {path} in the sandbox: it {what}", path)
-    code = errno.EACCES if "denied" in message else errno.EIO
-    return OSError(code, f"cannot {verb} {path} in the sandbox: {message}", path)
+def _too_big(path: str, limit: int) -> OSError:
+    return OSError(errno.EFBIG, f"cannot read {path} from the sandbox: it is bigger than output_max "
+                   f"({limit} bytes), the most read_file keeps in memory; give the sandbox a bigger "
+                   "output_max, or read the file in parts with run()", path)
+
+
+def _transfer_error(verb: str, path: str, returncode: int, stderr: bytes) -> OSError:
+    """The OSError a failed transfer means: transfer.py says "ERRNO detail" and exits 1."""
+    head, _, detail = stderr.decode("utf-8", errors="replace").partition(" ")
+    if returncode != 1 or not head.isdigit():
+        how = f"was killed by signal {-returncode}" if returncode < 0 else f"exited {returncode}"
+        return OSError(errno.EIO, f"cannot {verb} {path} in the sandbox: the process doing it {how} "
+                       "(something in the sandbox signalled it?); try again", path)
+    code = int(head)
+    name = errno.errorcode.get(code, str(code))
+    if code == errno.ENOENT:
+        what = "it does not exist" if verb == "read" else "it is in a directory that does not exist, " \
+               "or one where no file can be made"
+    elif code == errno.EISDIR:
+        what = "it is a directory"
+    elif code == errno.ELOOP:
+        what = ("ELOOP: its path loops, or goes through a /proc magic link (/proc/self/fd/N, /proc/N/root, "
+                "...), which read_file and write_file never follow")
+    elif code == errno.ENOSPC:
+        what = "ENOSPC: the sandbox's writable layer is full; give it a bigger tmpfs_size"
+    elif detail.startswith("it is"):
+        what = f"{detail}; read_file and write_file move regular files only (run() can read or write others)"
+    else:
+        what = f"{name} ({os.strerror(code)})"
+    if code == errno.ENOENT or code == errno.EISDIR:
+        what += f" ({name})"
+    return OSError(code, f"cannot {verb} {path} in the sandbox: {what}", path)
 
 
 def _kill_and_wait(pidfd: int, timeout: float) -> bool:
