@@ -32,6 +32,10 @@ def exists(path: str, files: Mapping[str, str] | None = None) -> bool:
     return path in files if files is not None else os.path.exists(path)
 
 
+#: Set in a test isolated as root (isolate/confine.py): sandboxes made in it cannot mount a /proc.
+ISOLATED_ROOT_ENV = "NSBOX_ISOLATED_AS_ROOT"
+
+
 def container(files: Mapping[str, str] | None = None) -> str | None:
     """The container runtime this process runs under, if the usual marks say so."""
     if exists("/.dockerenv", files):
@@ -96,6 +100,11 @@ def userns_refused(files: Mapping[str, str] | None = None) -> str:
 
 def proc_refused(files: Mapping[str, str] | None = None) -> str:
     """Why mounting a fresh /proc was refused (EPERM): some of the visible /proc is masked."""
+    if os.environ.get(ISOLATED_ROOT_ENV):
+        return ("this is a test isolated as root, whose /proc/sys is read-only (the host's root may "
+                "write most sysctls, capabilities or not), and the kernel mounts no new /proc where "
+                "parts of it are covered: make the sandbox in a fixture (it is then made by the "
+                "pytest process), or run pytest as a normal user")
     runtime = container(files)
     fixes = {
         "Docker": "start the container with `--security-opt systempaths=unconfined` (or `--privileged`)",

@@ -257,17 +257,33 @@ def fork_into(flags: int, cgroup_fd: int = -1, what: str = "fork") -> tuple[int,
     os.fork() would do it: Python's own before/after-fork work runs (locks, threads, at-fork
     handlers), so the child finds the interpreter in order.  (pid, pidfd), or (0, -1) in the child.
     """
-    _pythonapi.PyOS_BeforeFork()
+    # A thread that waits a switch interval for the GIL asks its holder to drop it.  os.fork()
+    # clears that request in C before the child runs any bytecode; here the child runs a few
+    # before PyOS_AfterFork_Child, and a request copied into it makes it wait forever for a
+    # thread it does not have.  So no request may fall due while we fork, and a pending one is
+    # served first (sleep(0) hands the GIL over).
+    import sys
+    import time
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(_FORK_INTERVAL)
     try:
-        pid, pidfd = clone(flags, cgroup_fd, what)
-    except BaseException:
-        _pythonapi.PyOS_AfterFork_Parent()
-        raise
-    if pid == 0:
-        _pythonapi.PyOS_AfterFork_Child()
-    else:
-        _pythonapi.PyOS_AfterFork_Parent()
+        time.sleep(0)
+        _pythonapi.PyOS_BeforeFork()
+        try:
+            pid, pidfd = clone(flags, cgroup_fd, what)
+        except BaseException:
+            _pythonapi.PyOS_AfterFork_Parent()
+            raise
+        if pid == 0:
+            _pythonapi.PyOS_AfterFork_Child()
+        else:
+            _pythonapi.PyOS_AfterFork_Parent()
+    finally:
+        sys.setswitchinterval(interval)
     return pid, pidfd
+
+
+_FORK_INTERVAL = 100.0  # seconds: longer than any fork takes
 
 
 def attach_mount(fd: int, target: str | int, source: str) -> None:

@@ -31,7 +31,7 @@ import signal
 import stat
 from typing import NamedTuple
 
-from ..engine import kernel, layout, seccomp
+from ..engine import hints, kernel, layout, seccomp
 from ..engine.kernel import MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_PRIVATE, MS_REC
 
 TYPE_CHECKING = False
@@ -42,6 +42,8 @@ FLAGS = (kernel.CLONE_NEWUSER | kernel.CLONE_NEWNS | kernel.CLONE_NEWPID | kerne
          | kernel.CLONE_NEWUTS)
 PRIVATE_PLACES = ("/tmp", "/dev/shm")
 HOST_VIEW = "/tmp"  # the private place laid over a copy-on-write view of the host's
+_NO_DEVICES = kernel.MOUNT_ATTR_NOSUID | kernel.MOUNT_ATTR_NODEV
+_HOST_ATTRIBUTES = kernel.MOUNT_ATTR_RDONLY | _NO_DEVICES
 
 
 def fork(network: str, cgroup_fd: int = -1) -> tuple[int, int]:
@@ -80,12 +82,21 @@ def confine(uid: int, gid: int, where: Places, network: str, tmpfs_size: int, pi
     """In the child fork() made: build its sandbox.  Raises KernelError naming the failed step;
     returns notes on what was done differently (a /tmp without the host's under it)."""
     kernel.write_id_maps(uid, gid, inner_uid=uid, inner_gid=gid)
-    kernel.unshare(kernel.CLONE_NEWCGROUP)  # rooted at the test's cgroup (the parent placed us)
+    # Rooted at the test's cgroup (the parent placed us); none where an enclosing sandbox forbids them.
+    layout.own_cgroup_namespace()
+    # No process below may make one: in a cgroup namespace of its own it could mount cgroupfs and,
+    # as the host's root, raise its own limits (cgroup v1 has no delegation boundary).
+    layout.forbid_cgroup_namespaces()
     kernel.mount(None, "/", None, MS_REC | MS_PRIVATE, operation="make mounts private")
     holes = _take(where.writable)
-    kernel.make_tree_read_only("/")
+    devices = {name: kernel.clone_mount(f"/dev/{name}") for name in layout.DEVICES
+               if os.path.exists(f"/dev/{name}")}
+    # No device node of the host's works in here but those of the private /dev: read-only does not
+    # stop a write to a block device, nodev does.
+    kernel.set_mount_attributes(-100, _HOST_ATTRIBUTES, recursive=True, path="/")
     taken = {path for path, _fd in holes}
     holes += _take([path for path in where.hidden if not _under_any(path, taken)])  # read-only clones now
+    _private_dev(devices, tmpfs_size)
     notes = []
     for place in PRIVATE_PLACES:
         if os.path.isdir(place):
@@ -95,9 +106,13 @@ def confine(uid: int, gid: int, where: Places, network: str, tmpfs_size: int, pi
     for link, target in where.links:  # only needed where /tmp is empty, but harmless where not
         _make_link(link, target)
     kernel.mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, operation="mount /proc")
+    if uid == 0:
+        layout.protect_proc()  # the kernel lets the host's uid 0 write most sysctls, caps or not
+        os.environ[hints.ISOLATED_ROOT_ENV] = "1"  # why a sandbox made in here gets no /proc
     # Outer paths first: a writable basetemp inside a read-only project stays on top of it.
     for path, fd in sorted(holes, key=lambda hole: hole[0].count("/")):
         try:
+            kernel.set_mount_attributes(fd, _NO_DEVICES, recursive=True)
             _make_mount_point(path, stat.S_ISDIR(os.fstat(fd).st_mode))
             kernel.attach_mount(fd, path, path)
         finally:
@@ -105,6 +120,8 @@ def confine(uid: int, gid: int, where: Places, network: str, tmpfs_size: int, pi
     if network == "none":
         layout.bring_up_loopback()
     kernel.join_new_session_keyring()
+    if uid == 0:
+        _lock_mounts()
     if pids_max and rlimit_pids:
         # Counted per user namespace (Linux >= 5.14): the test's processes, not the user's.
         hard = resource.getrlimit(resource.RLIMIT_NPROC)[1]
@@ -116,13 +133,43 @@ def confine(uid: int, gid: int, where: Places, network: str, tmpfs_size: int, pi
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     if uid != 0:
         # As the user is outside: no capability, so a file's mode holds for its owner too (a test
-        # that chmods a file to 0 and expects EACCES sees it). Root keeps root's, as outside.
+        # that chmods a file to 0 and expects EACCES sees it), and no mount can be changed. Root
+        # keeps root's, as outside, but over mounts it can no longer change (_lock_mounts).
         kernel.drop_capabilities()
     if filter_syscalls:
         seccomp.install()
     else:
         kernel.set_no_new_privs()
     return notes
+
+
+def _lock_mounts() -> None:
+    """Root's test keeps its capabilities, and so could clear read-only or nodev on mounts its
+    own user namespace made.  Copied into a user namespace of its own, every mount and every flag
+    is locked: the kernel refuses to change or unmount them, whatever the capabilities."""
+    kernel.unshare(kernel.CLONE_NEWUSER | kernel.CLONE_NEWNS)
+    kernel.write_id_maps(0, 0, inner_uid=0, inner_gid=0)
+
+
+def _private_dev(devices: dict[str, int], tmpfs_size: int) -> None:
+    """A /dev of our own, as a sandbox's: the usual character devices bound from the host's, a
+    devpts of our own (ptys work), /dev/shm (made private next), the usual links."""
+    try:
+        kernel.mount("tmpfs", "/dev", "tmpfs", MS_NOSUID | MS_NOEXEC | MS_NODEV,
+                     "mode=0755,size=1m,nr_inodes=256", operation="mount a private /dev")
+        for name, fd in devices.items():
+            path = f"/dev/{name}"
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
+            kernel.attach_mount(fd, path, path)
+        os.mkdir("/dev/pts", 0o755)
+        kernel.mount("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC,
+                     "newinstance,ptmxmode=0666,mode=0620", operation="mount /dev/pts")
+        os.mkdir("/dev/shm", 0o1777)
+        for name, target in layout.DEV_LINKS.items():
+            os.symlink(target, f"/dev/{name}")
+    finally:
+        for fd in devices.values():
+            os.close(fd)
 
 
 def _private(place: str, tmpfs_size: int, copy_of_host: bool) -> str | None:

@@ -38,7 +38,7 @@ from _pytest.runner import call_and_report, show_test_item
 
 from ..engine import caps, seccomp
 from ..errors import NsboxWarning
-from . import confine, transport
+from . import confine, coverage, descriptors, transport
 
 if TYPE_CHECKING:
     from ..settings import SandboxSettings
@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 #: How long a killed test's sandbox may take to vanish before its report is made anyway.
 _KILL_PATIENCE = 10.0
 _WALL = 0x40000000  # waitpid's __WALL: children of any kind, those cloned without SIGCHLD too
+_exit = os._exit  # the test may replace os._exit; the child still leaves
 
 
 class Isolation(NamedTuple):
@@ -164,6 +165,9 @@ def call_in_sandbox(item: pytest.Item, isolation: Isolation) -> TestReport:
     try:
         cgroup_fd = cgroup.open() if cgroup is not None and cgroup.version == 2 else -1
         try:
+            # What the child may keep of our descriptors: judged here, in the host's view.
+            held = descriptors.plan(item.config, isolation.writable, settings.network,
+                                    {fd for fd in (r, w, parent, go_r, go_w, cgroup_fd) if fd >= 0})
             pid, pidfd = confine.fork(settings.network, cgroup_fd)
         finally:
             if cgroup_fd >= 0:
@@ -176,10 +180,15 @@ def call_in_sandbox(item: pytest.Item, isolation: Isolation) -> TestReport:
             cgroup.destroy()
         return _failed(item, started, f"nsbox: cannot fork the test into its sandbox: {exc}")
     if pid == 0:
-        os.close(r)
-        if go_w >= 0:
-            os.close(go_w)
-        _child(item, isolation, plan, ids, w, parent, go_r)
+        try:
+            descriptors.close_off(held)
+            os.close(r)
+            if go_w >= 0:
+                os.close(go_w)
+        except BaseException:  # noqa: BLE001 - the child must never go on as pytest
+            _exit(1)
+        _child(item, isolation, plan, ids, w, parent, go_r, held)
+        _exit(1)
     for fd in (w, parent, go_r):
         if fd >= 0:
             os.close(fd)
@@ -190,7 +199,7 @@ def call_in_sandbox(item: pytest.Item, isolation: Isolation) -> TestReport:
                 os.write(go_w, b"g")
             finally:
                 os.close(go_w)
-        data, timed_out = _read_until(r, pidfd, settings.timeout)
+        data, timed_out = _read_until(r, pidfd, settings.timeout, transport.limit(settings.output_max))
     except (Exception, pytest.fail.Exception) as exc:
         # Raised in this process while the test ran: a pytest-timeout alarm, say.  It fails the
         # test, as it would have without isolation; Ctrl-C and exits still end the run.
@@ -202,15 +211,19 @@ def call_in_sandbox(item: pytest.Item, isolation: Isolation) -> TestReport:
     finally:
         os.close(r)
     try:
-        # The test's code could write anything to this pipe: a report that does not read is a failure.
-        result = json.loads(data) if data else {}
-        unreadable = None if isinstance(result, dict) else "not a JSON object"
-    except ValueError as exc:
-        result, unreadable = {}, repr(exc)
-    # Everything the test started is gone before its report is made: the child killed and reaped
-    # it all, and says so, or we kill its namespace and wait.
+        # The test's code could write anything to this pipe: what does not read fails the test,
+        # and only it.  Cut short (a timeout, an alarm here), it is no report at all.
+        result = {} if raised or timed_out else transport.parse(data, transport.limit(settings.output_max))
+        unreadable = ""
+    except transport.BadReport as exc:
+        result, unreadable = {}, f"nsbox: {exc}"
+    del data
+    # Everything the test started is gone before its report is made, and this process, not the
+    # test, decides it: init is killed whatever its report says (no code of the test runs after
+    # that), and only if it was alone — no child, no other thread — may its exit finish later.
     exiting = _Exiting(pid, pidfd, cgroup)
-    if result.get("alone") is True and not (raised or timed_out or unreadable):
+    exiting.kill()
+    if "report" in result and not (raised or timed_out or unreadable) and _alone(pid):
         item.config.stash.setdefault(_EXITING, []).append(exiting)
         status, stats = 0, {}
     else:
@@ -218,39 +231,46 @@ def call_in_sandbox(item: pytest.Item, isolation: Isolation) -> TestReport:
     if raised:
         return _failed(item, started, raised)
     if unreadable:
-        return _failed(item, started, f"nsbox: the test's sandbox sent back a report that does not read ({unreadable})")
+        return _failed(item, started, unreadable)
     try:
         if "report" in result:
             return transport.deliver(item, result)
-    except Exception as exc:  # noqa: BLE001
+    except transport.BadReport as exc:
+        return _failed(item, started, f"nsbox: {exc}")
+    except Exception as exc:  # noqa: BLE001 - checked, and still it does not replay: the test's failure
         return _failed(item, started, f"nsbox: the test's sandbox sent back a report that does not read ({exc!r})")
     return _failed(item, started, _how_it_died(status, timed_out, settings, stats, result.get("error")))
 
 
 def _child(item: pytest.Item, isolation: Isolation, plan: caps.CapPlan, ids: tuple[int, int],
-           w: int, parent: int, go: int) -> None:
+           w: int, parent: int, go: int, held: descriptors.Plan) -> None:
     """In the sandbox: run the call, hand its report (and coverage) back, leave.  Never returns."""
     status = 1
     try:
         confine.die_with(parent)
         os.close(parent)
+        # A session of our own: no controlling terminal (no TIOCSTI into the user's shell), and
+        # the terminal's signals (Ctrl-C) reach pytest, which ends us, not the test.
+        os.setsid()
         settings = isolation.settings
         notes = confine.confine(*ids, confine.places(isolation.writable, isolation.visible), settings.network,
                         caps.tmpfs_size(settings.tmpfs_size, settings.memory_max, caps.default_tmpfs_size()),
                         settings.pids_max, plan.mechanism == "rlimit",
                         settings.memory_max, plan.memory_mechanism == "rlimit", settings.seccomp)
+        descriptors.reopen(held)
         if settings.pids_max and plan.mechanism.startswith("cgroup"):
             os.environ[caps.ENCLOSING_ENV] = str(settings.pids_max)  # for sandboxes made in here
         # (cgroup v1: the parent moved us meanwhile; a move costs an RCU grace period, ~1-2 ms)
         if go >= 0 and os.read(go, 1) != b"g":
             raise RuntimeError("the test process could not place the test in its cgroup")
         logged = transport.LoggedHere(item)
+        coverage.measure_in_memory()
         with warnings.catch_warnings(record=True) as caught:  # under the filters pytest set
             for note in notes:
                 warnings.warn(NsboxWarning(f"nsbox: {note}"))
             report = call_and_report(item, "call", log=False)
-        alone = _end_the_rest()
-        payload = {**transport.collect(item, report, logged, caught), "alone": alone}
+        _end_the_rest()  # so that the test process finds us alone, and need not wait for our exit
+        payload = transport.collect(item, report, logged, caught)
         status = 0
     except BaseException:  # noqa: BLE001 - whatever stops the child is the test's failure
         payload = {"error": traceback.format_exc()}
@@ -258,16 +278,16 @@ def _child(item: pytest.Item, isolation: Isolation, plan: caps.CapPlan, ids: tup
         _write_all(w, json.dumps(payload).encode())
         os.close(w)  # the end of the report: the test process need not wait for our exit
     finally:
-        os._exit(status)
+        _exit(status)
 
 
-def _end_the_rest() -> bool:
+def _end_the_rest() -> None:
     """In the child, PID 1 of the test's namespaces: kill every process the test started and reap
-    them all, so that the report can go before this process's own (slower) exit.  False, and
-    nothing done, if a thread the test left running here could start more: then the test process
-    kills the whole namespace, and waits."""
+    them all, so that the report can go before this process's own (slower) exit.  Nothing done if
+    a thread the test left running here could start more: the test process then waits for the
+    kernel to kill the whole namespace."""
     if len(os.listdir("/proc/self/task")) > 1:
-        return False
+        return
     try:
         os.kill(-1, signal.SIGKILL)  # from a namespace's init: everything in it but init
     except ProcessLookupError:
@@ -276,22 +296,38 @@ def _end_the_rest() -> bool:
         try:
             os.waitpid(-1, _WALL)
         except ChildProcessError:
-            return True
+            return
 
 
-def _read_until(r: int, pidfd: int, timeout: float | None) -> tuple[bytes, bool]:
-    """What the child writes, until it closes the pipe; (data, whether the timeout ran out)."""
+def _alone(pid: int) -> bool:
+    """Whether the test's init, killed by now, was all that was left of its namespace: one thread,
+    no child.  Every process of a PID namespace descends from its init (orphans are re-parented to
+    it), and a killed process can no longer fork, so no child can appear after this look."""
+    try:
+        if os.listdir(f"/proc/{pid}/task") != [str(pid)]:
+            return False
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return not f.read().strip()
+    except OSError:
+        return False
+
+
+def _read_until(r: int, pidfd: int, timeout: float | None, most: int) -> tuple[bytearray, bool]:
+    """What the child writes, until it closes the pipe, but never more than `most` + 1 bytes (the
+    test's code can write to the pipe: beyond that it is too big, and the child is killed
+    unread); (data, whether the timeout ran out)."""
     deadline = None if timeout is None else time.monotonic() + timeout
-    chunks = []
-    while True:
+    data = bytearray()
+    while len(data) <= most:
         wait = None if deadline is None else max(0.0, deadline - time.monotonic())
         ready, _, _ = select.select([r], [], [], wait)
         if not ready:
-            return b"".join(chunks), True
-        chunk = os.read(r, 1 << 16)
+            return data, True
+        chunk = os.read(r, min(1 << 16, most + 1 - len(data)))
         if not chunk:
-            return b"".join(chunks), False
-        chunks.append(chunk)
+            break
+        data += chunk
+    return data, False
 
 
 class _Exiting(NamedTuple):

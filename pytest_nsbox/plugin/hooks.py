@@ -283,8 +283,8 @@ def pytest_runtestloop(session: pytest.Session) -> Iterator[Any]:
         return (yield)
     finally:
         if session.config.stash.get(_ISOLATING, False):
-            from ..isolate.transport import flush_coverage
-            flush_coverage(session.config)
+            from ..isolate.coverage import flush
+            flush(session.config)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
