@@ -80,3 +80,15 @@ def host_python() -> str:
     own) it is still there, so tests can make raw syscalls from inside a sandbox."""
     import sys
     return os.path.realpath(sys.executable)
+
+
+def talk(address: tuple[str, int], data: bytes) -> bytes:
+    """Send `data` to a server, half-close, and read its whole answer."""
+    import socket
+    with socket.create_connection(address, timeout=10) as sock:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := sock.recv(1 << 16):
+            chunks.append(chunk)
+    return b"".join(chunks)

@@ -398,22 +398,25 @@ def test_works_under_xdist(pytester):
     pytester.runpytest_subprocess("--nsbox-isolate", "-n", "2").assert_outcomes(passed=6)
 
 
-def test_coverage_numbers_are_the_same(pytester):
-    pytester.makepyfile(mod=textwrap.dedent("""
-        def covered(x):
-            if x:
-                return "yes"
-            return "no"
+COVERED = dict(mod=textwrap.dedent("""
+    def covered(x):
+        if x:
+            return "yes"
+        return "no"
 
-        def not_covered():
-            return 1
-    """), test_mod=textwrap.dedent("""
-        import mod
-        def test_a():
-            assert mod.covered(True) == "yes"
-        def test_b():
-            assert mod.covered(False) == "no"
-    """))
+    def not_covered():
+        return 1
+"""), test_mod=textwrap.dedent("""
+    import mod
+    def test_a():
+        assert mod.covered(True) == "yes"
+    def test_b():
+        assert mod.covered(False) == "no"
+"""))
+
+
+def test_coverage_numbers_are_the_same(pytester):
+    pytester.makepyfile(**COVERED)
     totals = []
     for args in ((), ("--nsbox-isolate",)):
         result = pytester.runpytest_subprocess("--cov=mod", "--cov-report=term-missing", *args)

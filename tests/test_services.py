@@ -11,17 +11,10 @@ import pytest
 
 from pytest_nsbox import ConfigError, SandboxClosed
 
+from .helpers import talk
+
 ECHO = ["nc", "-lk", "-p", "8080", "-e", "cat"]  # busybox: a persistent echo server
 
-
-def talk(address: tuple[str, int], data: bytes) -> bytes:
-    with socket.create_connection(address, timeout=10) as sock:
-        sock.sendall(data)
-        sock.shutdown(socket.SHUT_WR)
-        chunks = []
-        while chunk := sock.recv(1 << 16):
-            chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def test_a_server_in_a_private_network_is_reached_through_its_published_port(sandbox):

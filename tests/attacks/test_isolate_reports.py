@@ -14,6 +14,8 @@ import textwrap
 
 import pytest
 
+from ..test_isolate import COVERED
+
 # What the hostile tests share: the report pipe (the child's own local, as a test's code can find
 # it: the frames of the child's Python are its own), and an honest report to forge from.
 HOSTILE = textwrap.dedent('''
@@ -224,21 +226,6 @@ def test_coverage_data_of_absurd_sizes_fails_the_test(pytester):
         _failure(result, test, "nsbox: the test's sandbox sent back coverage data that does not read*")
 
 
-COVERED = dict(mod=textwrap.dedent("""
-    def covered(x):
-        if x:
-            return "yes"
-        return "no"
-
-    def not_covered():
-        return 1
-"""), test_mod=textwrap.dedent("""
-    import mod
-    def test_a():
-        assert mod.covered(True) == "yes"
-    def test_b():
-        assert mod.covered(False) == "no"
-"""))
 
 
 @pytest.mark.parametrize("options", [("--cov-branch",), ("--cov-context=test",)], ids=["branches", "contexts"])

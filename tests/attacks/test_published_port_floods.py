@@ -22,6 +22,8 @@ import pytest
 from pytest_nsbox import ConfigError, NsboxWarning
 from pytest_nsbox.engine import services
 
+from ..helpers import talk
+
 ECHO = ["nc", "-lk", "-p", "8080", "-e", "cat"]  # busybox: a process per connection, echoing
 SLACK_THREADS = 4  # the port's accept thread, and threads the plugin may start meanwhile
 SLACK_RSS = 24 << 20  # the interpreter's own growth: sockets, frames, allocator rounding
@@ -42,15 +44,6 @@ def rss() -> int:
 def descriptors() -> int:
     return len(os.listdir("/proc/self/fd"))
 
-
-def talk(address: tuple[str, int], data: bytes) -> bytes:
-    with socket.create_connection(address, timeout=10) as sock:
-        sock.sendall(data)
-        sock.shutdown(socket.SHUT_WR)
-        chunks = []
-        while chunk := sock.recv(1 << 16):
-            chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def flood(address: tuple[str, int], count: int, push: int = 1 << 20,
@@ -141,7 +134,7 @@ def test_a_flood_of_three_times_the_limit_leaves_the_process_bounded(sandbox_fac
     notes = [str(w.message) for w in warned if "closed" in str(w.message)]
     assert len(notes) == 1, notes  # said once, not once per connection
     assert f"limit of {limit} open at once" in notes[0] and "max_connections" in notes[0]
-    assert f"(the sandbox's port 8080)" in notes[0]
+    assert "(the sandbox's port 8080)" in notes[0]
     # Nothing of the relay is left: no thread, no socket.
     assert settle(lambda: threads() <= threads_before)
     assert descriptors() <= fds_before
