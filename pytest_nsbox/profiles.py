@@ -14,12 +14,11 @@ rootfs, a mount's source) are relative to the pyproject.toml. Keywords given wit
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .settings import SandboxSettings
+from .settings import SandboxSettings, anchored
 
 _NONE_ALLOWED = ("pids_max", "memory_max", "timeout", "tmpfs_size", "output_max", "rootfs")
 
@@ -65,13 +64,8 @@ def _checked(table: dict[str, Any], where: str, base: Path) -> dict[str, Any]:
             raise ConfigError(f"{where}: unknown key {key!r}; allowed: {allowed}")
         if value == "none" and key in _NONE_ALLOWED:
             value = None
-        elif key == "rootfs" and isinstance(value, str):
-            value = _relative_to(base, value)
-        elif key in ("rootfs", "layers") and isinstance(value, list):
-            value = [_relative_to(base, spec) if isinstance(spec, str) else spec for spec in value]
-        elif key == "mounts" and isinstance(value, list):
-            value = [[str(base / m[0]), *m[1:]] if isinstance(m, list) and m and isinstance(m[0], str) else m
-                     for m in value]
+        else:
+            value = anchored({key: value}, base)[key]
         settings[key] = value
         try:
             SandboxSettings.from_kwargs({key: value}, source=where)
@@ -80,20 +74,17 @@ def _checked(table: dict[str, Any], where: str, base: Path) -> dict[str, Any]:
     return settings
 
 
-def _relative_to(base: Path, spec: str) -> str:
-    return str(base / spec) if _looks_like_a_path(spec) else spec
-
-
-def _looks_like_a_path(spec: str) -> bool:
-    return not (spec in ("alpine", "host") or spec.startswith(("alpine:", "alpine@")) or "://" in spec) \
-        and not os.path.isabs(spec)
-
-
-def pick(profiles: dict[str, dict[str, Any]], name: object, path: Path | None, asked_by: str) -> dict[str, Any]:
-    """The settings of profile `name`, or a ConfigError listing those there are."""
+def pick(profiles: dict[str, dict[str, Any]], name: object, path: Path | None, asked_by: str,
+         searched: Path | None = None) -> dict[str, Any]:
+    """The settings of profile `name`, or a ConfigError listing those there are (`searched`: where
+    the search for a pyproject.toml started, named when there is none)."""
     if not isinstance(name, str) or name not in profiles:
+        table = f"[tool.nsbox.profiles.{name}]" if isinstance(name, str) else "[tool.nsbox.profiles.NAME]"
+        if path is None:
+            above = f" at or above {searched}" if searched else ""
+            raise ConfigError(f"{asked_by}: no sandbox profile {name!r}: there is no pyproject.toml{above}; "
+                              f"define the profile as {table} in your project's pyproject.toml")
         there = ", ".join(sorted(profiles)) or "none"
-        where = str(path) if path else "no pyproject.toml found"
-        raise ConfigError(f"{asked_by}: no sandbox profile {name!r} in {where} (profiles: {there}); "
-                          "define it as [tool.nsbox.profiles.NAME]")
+        raise ConfigError(f"{asked_by}: no sandbox profile {name!r} in {path} (profiles: {there}); "
+                          f"define it as {table}")
     return dict(profiles[name])

@@ -159,17 +159,72 @@ class SandboxSettings:
 
     @classmethod
     def from_kwargs(cls, kwargs: Mapping[str, Any], *, defaults: SandboxSettings | None = None,
-                    source: str = "Sandbox()") -> SandboxSettings:
-        """Build settings from keywords, naming `source` (e.g. the test) when a key is unknown."""
+                    source: str = "Sandbox()", also_allowed: tuple[str, ...] = ()) -> SandboxSettings:
+        """Build settings from keywords, naming `source` (e.g. the test) when a key is unknown;
+        `also_allowed` are the keywords the caller takes besides these (a marker's `profile`),
+        for the message."""
         unknown = sorted(set(kwargs) - set(cls.keys()))
         if unknown:
-            raise ConfigError(f"{source}: unknown sandbox setting {', '.join(map(repr, unknown))}; "
-                              f"allowed: {', '.join(cls.keys())}")
+            raise unknown_keywords(source, unknown, (*also_allowed, *cls.keys()))
         base = defaults or cls()
         try:
             return dataclasses.replace(base, **kwargs)
         except ConfigError as exc:
             raise ConfigError(f"{source}: {exc}") from None
+
+
+#: The keywords whose values are, or hold, host paths.
+PATH_KEYWORDS = ("rootfs", "layers", "mounts", "cache_dir")
+
+
+def anchored(keywords: Mapping[str, Any], base: str | os.PathLike[str]) -> dict[str, Any]:
+    """`keywords` with their relative host paths made absolute against `base`: a rootfs or layer
+    that is a path (not a spec word such as `alpine`), a mount's source, `cache_dir`.
+
+    One rule for each place keywords are written, so that where pytest was started from does not
+    matter: a profile's paths are relative to its pyproject.toml, a marker's and `sandbox_factory`'s
+    to pytest's rootdir.  (`Sandbox(...)` itself, a Python API, takes them relative to the cwd.)
+    """
+    result = dict(keywords)
+    if "rootfs" in result:
+        rootfs = result["rootfs"]
+        result["rootfs"] = ([_anchored_spec(spec, base) for spec in rootfs] if isinstance(rootfs, (list, tuple))
+                            else _anchored_spec(rootfs, base))
+    if isinstance(result.get("layers"), (list, tuple)):
+        result["layers"] = [_anchored_spec(spec, base) for spec in result["layers"]]
+    if isinstance(result.get("mounts"), (list, tuple)):
+        result["mounts"] = [_anchored_mount(mount, base) for mount in result["mounts"]]
+    if isinstance(result.get("cache_dir"), (str, os.PathLike)):
+        result["cache_dir"] = _anchored_path(result["cache_dir"], base)
+    return result
+
+
+def is_path_spec(spec: str) -> bool:
+    """Whether a rootfs string is a path rather than one of the spec words (see rootfs/specs.py)."""
+    text = spec.strip()
+    return not (text in ("alpine", "host") or text.startswith(("alpine:", "alpine@"))
+                or re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", text))
+
+
+def _anchored_spec(spec: Any, base: str | os.PathLike[str]) -> Any:
+    if isinstance(spec, os.PathLike) or (isinstance(spec, str) and spec.strip() and is_path_spec(spec)):
+        return _anchored_path(spec, base)
+    return spec  # a spec word, a resolved Rootfs, or a bad value that validation names
+
+
+def _anchored_mount(mount: Any, base: str | os.PathLike[str]) -> Any:
+    if isinstance(mount, Mount):
+        return dataclasses.replace(mount, source=Path(_anchored_path(mount.source, base)))
+    if isinstance(mount, (list, tuple)) and mount and isinstance(mount[0], (str, os.PathLike)):
+        return type(mount)([_anchored_path(mount[0], base), *mount[1:]])
+    return mount
+
+
+def _anchored_path(path: str | os.PathLike[str], base: str | os.PathLike[str]) -> Any:
+    text = os.path.expanduser(os.fspath(path))
+    if not os.path.isabs(text):
+        text = os.path.normpath(os.path.join(os.fspath(base), text))
+    return Path(text) if isinstance(path, os.PathLike) else text
 
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -191,6 +246,11 @@ def parse_size(value: int | str | None) -> int | None:
 
 def _bad_size(value: object) -> int:
     raise ValueError(f"{value!r} is not a size: write bytes (an int) or a number with K, M, G or T")
+
+
+def unknown_keywords(source: str, unknown: Iterable[str], allowed: Iterable[str]) -> ConfigError:
+    return ConfigError(f"{source}: unknown sandbox setting {', '.join(map(repr, sorted(unknown)))}; "
+                       f"allowed: {', '.join(allowed)}")
 
 
 def _bad(key: str, value: object, allowed: str) -> str:

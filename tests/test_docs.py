@@ -176,3 +176,17 @@ def test_every_doc_is_linked_from_the_readme_or_another_doc():
     linked = "\n".join(path.read_text() for path in DOCS)
     for doc in (REPO / "docs").glob("*.md"):
         assert f"{doc.name}" in linked.replace(doc.read_text(), ""), f"nothing links to docs/{doc.name}"
+
+
+def test_the_configuration_reference_lists_every_option_of_every_nsbox_command():
+    import argparse
+
+    from pytest_nsbox.cli import build_parser
+    page = (REPO / "docs" / "configuration.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in page.splitlines() if line.startswith("| `nsbox ")}
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, parser in commands.choices.items():
+        (row,) = [line for cell, line in rows.items() if f"`nsbox {name}" in cell]
+        options = {o for action in parser._actions for o in action.option_strings if o.startswith("--")} - {"--help"}
+        missing = sorted(o for o in options if f"`{o}`" not in row)
+        assert not missing, f"docs/configuration.md's row for nsbox {name} lacks {missing}"

@@ -41,7 +41,7 @@ def test_marker_on_class_and_module_applies(pytester):
 
 
 @pytest.mark.parametrize("marker, message", [
-    ('netwrok="none"', "*test_bad*unknown sandbox setting 'netwrok'*allowed: rootfs*network*"),
+    ('netwrok="none"', "*test_bad*unknown sandbox setting 'netwrok'*allowed: isolate, profile, rootfs*network*"),
     ('network="internet"', "*test_bad*bad value for 'network': 'internet'; allowed: 'none' or 'host'*"),
 ])
 def test_bad_marker_fails_naming_test_and_setting(pytester, marker, message):

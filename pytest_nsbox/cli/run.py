@@ -5,9 +5,11 @@
     nsbox shell [same options] [-- SHELL [ARGS...]]
 
 `run` connects the command to this terminal's stdin, stdout and stderr and exits with its status
-(128+N when signal N ended it, as a shell says). `shell` gives the shell a terminal of its own (a
-pty, with job control, ^C and window resizes), whatever this one is. A failed test's report ends
-with the `nsbox shell` line that makes its sandbox again.
+(128+N when signal N ended it, as a shell says; 124 when the sandbox's lifetime did; 125 when nsbox
+failed, a bad --cwd included; 126/127 when the program cannot be run / does not exist). `shell`
+needs a terminal on stdin, and gives the shell a terminal of its own (a pty, with job control, ^C
+and window resizes). A failed test's report ends with the `nsbox shell` line that makes its
+sandbox again.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 import select
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +81,7 @@ def sandbox_keywords(args: argparse.Namespace) -> dict[str, Any]:
     if args.profile:
         from .. import profiles
         path = profiles.find_pyproject(Path.cwd())
-        keywords = profiles.pick(profiles.load(path), args.profile, path, "--profile")
+        keywords = profiles.pick(profiles.load(path), args.profile, path, "--profile", searched=Path.cwd())
     given = {"network": args.network, "hostname": args.hostname, "memory_max": args.memory_max,
              "timeout": args.timeout, "cwd": args.cwd,
              "pids_max": None if args.pids_max is None else
@@ -121,29 +124,36 @@ def run(args: argparse.Namespace) -> int:
     if not argv:
         raise ConfigError("nsbox run needs a command: nsbox run [OPTIONS] -- CMD [ARGS...]")
     with Sandbox(**sandbox_keywords(args)) as box:
+        started = time.monotonic()
         try:
             process = box.spawn(argv, stdin=sys.stdin, stdout=sys.stdout, stderr=sys.stderr, shell=False)
-        except FileNotFoundError as exc:
-            print(f"nsbox: {exc}", file=sys.stderr)
-            return 127
+        except OSError as exc:
+            return _not_started(box, exc)
         with _forwarding_signals(process):
             code = process.wait()
-    return _exit_status(code)
+        return _exit_status(box, code, started)
 
 
 def shell(args: argparse.Namespace) -> int:
     from ..engine.sandbox import Sandbox
+    from ..errors import ConfigError
+    if sys.stdin is None or not os.isatty(sys.stdin.fileno()):
+        # A shell relayed from a pipe echoes its prompts and terminal codes into the output and may
+        # wait for input that never comes: say what to use instead.
+        raise ConfigError("nsbox shell needs a terminal on its stdin, and this one is not; to run commands "
+                          "without a terminal use `nsbox run [OPTIONS] -- sh -c 'COMMANDS'` (or pipe a script "
+                          "into `nsbox run -- sh`)")
     argv = _command(args.argv) or ["/bin/sh", "-l"]
     env = {"TERM": os.environ.get("TERM", "xterm")}
     with Sandbox(**sandbox_keywords(args)) as box:
+        started = time.monotonic()
         master, slave = box.openpty()
         try:
             _copy_window_size(sys.stdin.fileno(), slave)
             try:
                 process = box.spawn(argv, stdin=slave, stdout=slave, stderr=slave, env=env, shell=False, tty=True)
-            except FileNotFoundError as exc:
-                print(f"nsbox: {exc}", file=sys.stderr)
-                return 127
+            except OSError as exc:
+                return _not_started(box, exc)
             os.close(slave)
             slave = -1
             _relay(master, process)
@@ -152,10 +162,44 @@ def shell(args: argparse.Namespace) -> int:
             os.close(master)
             if slave >= 0:
                 os.close(slave)
-    return _exit_status(code)
+        return _exit_status(box, code, started)
 
 
-def _exit_status(code: int) -> int:
+#: What `run` and `shell` exit with when the sandbox's lifetime (--timeout) ended the command, as
+#: timeout(1) does.
+TIMED_OUT = 124
+#: The command could not be started: not found (127) / found but not executable (126), as shells say.
+NOT_FOUND, NOT_EXECUTABLE = 127, 126
+
+
+def _not_started(box: Any, exc: OSError) -> int:
+    """The exit status, and one line, for a command that could not be started."""
+    from ..errors import ConfigError
+    cwd = box.settings.cwd
+    # The engine's sentence (engine/init.py, _exec_failure) says which step failed: "chdir DIR: ..."
+    # when the directory is the problem, "exec PROGRAM: ..." when the program is.
+    _, chdir, why = (exc.strerror or "").partition(f"chdir {cwd}: ")
+    if chdir:
+        raise ConfigError(f"--cwd {cwd}: cannot change into it in the sandbox: {why}; give a directory that "
+                          "exists in the rootfs, or bind one there with --bind") from None
+    if exc.filename is None:  # not the program's fault: the sandbox failed to start it
+        print(f"nsbox: cannot start the command in the sandbox: {exc}", file=sys.stderr)
+        return SETUP_FAILED
+    print(f"nsbox: {exc}", file=sys.stderr)
+    return NOT_FOUND if isinstance(exc, FileNotFoundError) else NOT_EXECUTABLE
+
+
+def _exit_status(box: Any, code: int, started: float) -> int:
+    """The command's status, as a shell says it (128+N for signal N); 124, with a line saying so,
+    when the sandbox's lifetime ended it."""
+    timeout = box.settings.timeout
+    # Init kills everything with SIGKILL once the lifetime is over; `started` is taken after the
+    # sandbox started, so a kill seen a full lifetime later was the lifetime's (the 0.05 s allows
+    # for init's clock starting a moment before ours).
+    if timeout and code == -signal.SIGKILL and time.monotonic() - started >= timeout - 0.05:
+        print(f"nsbox: the sandbox's lifetime of {timeout:g} s ran out (--timeout): everything in it was "
+              "killed", file=sys.stderr)
+        return TIMED_OUT
     return 128 - code if code < 0 else code
 
 

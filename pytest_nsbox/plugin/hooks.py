@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from ..errors import ConfigError, NsboxError, SandboxUnavailable
-from ..settings import SandboxSettings
+from ..settings import SandboxSettings, anchored, unknown_keywords
 from .options import RunOptions, add_options, human_size
 
 if TYPE_CHECKING:
@@ -88,7 +88,7 @@ def _profile(config: pytest.Config, name: object, asked_by: str) -> dict[str, An
         path = profiles.find_pyproject(config.rootpath)
         config.stash[_PROFILES] = (path, profiles.load(path))
     path, found = config.stash[_PROFILES]
-    return profiles.pick(found, name, path, asked_by)
+    return profiles.pick(found, name, path, asked_by, searched=config.rootpath)
 
 
 def with_profile(config: pytest.Config, keywords: dict[str, Any], source: str) -> dict[str, Any]:
@@ -209,34 +209,49 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     return report
 
 
+#: What the marker takes: its own keywords, then those of `Sandbox(...)`.
+MARKER_KEYWORDS = ("isolate", "profile", *SandboxSettings.keys())
+
+
 def marker_keywords(item: pytest.Item) -> dict[str, Any]:
-    """The keywords of every `sandbox` marker on the test, the closest winning keyword by keyword;
-    raises NsboxError (ConfigError) on positional arguments."""
-    merged: dict[str, Any] = {}
-    for marker in reversed(list(item.iter_markers("sandbox"))):
+    """The keywords of every `sandbox` marker on the test, the closest winning keyword by keyword,
+    with relative paths anchored at the rootdir (as `cd tests && pytest` must find the same files);
+    raises NsboxError (ConfigError) on positional arguments and unknown keywords."""
+    merged = _merged_kwargs(item)
+    for marker in item.iter_markers("sandbox"):
         if marker.args:
             raise ConfigError(f"{item.nodeid}: @pytest.mark.sandbox takes keywords only, got "
-                              f"{marker.args!r}; allowed: isolate, {', '.join(SandboxSettings.keys())}")
+                              f"{marker.args!r}; allowed: {', '.join(MARKER_KEYWORDS)}")
+    unknown = set(merged) - set(MARKER_KEYWORDS)
+    if unknown:
+        raise unknown_keywords(f"{item.nodeid}: @pytest.mark.sandbox", unknown, MARKER_KEYWORDS)
+    return anchored(merged, item.config.rootpath)
+
+
+def _merged_kwargs(item: pytest.Item) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for marker in reversed(list(item.iter_markers("sandbox"))):
         merged.update(marker.kwargs)
     return merged
 
 
 def marker_settings(item: pytest.Item) -> dict[str, Any]:
     """The marker keywords that configure the test's sandboxes (all but `isolate`)."""
+    # pytest.fail outside the except block: the report shows the sentence once, without "during
+    # handling of the above exception".
     try:
         merged = marker_keywords(item)
     except NsboxError as exc:
-        pytest.fail(str(exc), pytrace=False)
-    merged.pop("isolate", None)
-    return merged
+        problem = str(exc)
+    else:
+        merged.pop("isolate", None)
+        return merged
+    pytest.fail(problem, pytrace=False)
 
 
 def _isolated(item: pytest.Item) -> bool:
-    try:
-        keywords = marker_keywords(item)
-    except NsboxError:
-        return False
-    return bool(keywords.get("isolate", item.config.stash[_OPTIONS].isolate))
+    # From the keywords alone: a marker with a mistake still isolates (and reports the mistake).
+    return bool(_merged_kwargs(item).get("isolate", item.config.stash[_OPTIONS].isolate))
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -257,7 +272,7 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
         keywords.pop("isolate", None)
         keywords = with_profile(config, keywords, item.nodeid)
         settings = SandboxSettings.from_kwargs({"network": "host", **keywords}, defaults=_defaults(config),
-                                               source=item.nodeid)
+                                               source=item.nodeid, also_allowed=("profile",))
     except NsboxError as exc:
         return run_protocol(item, nextitem, Isolation(None, (), (), f"nsbox: {exc}"))
     writable = (str(config._tmp_path_factory.getbasetemp()), *options.isolate_writable,  # type: ignore[attr-defined]
@@ -308,7 +323,8 @@ class SandboxFactory:
         # pytest.fail/skip are called outside the except blocks so that the report shows our
         # sentence alone, not "during handling of the above exception...".
         try:
-            return self._make({**self._marked, **settings})
+            # As the marker's: relative paths are the rootdir's, wherever pytest was started.
+            return self._make({**self._marked, **anchored(settings, self._config.rootpath)})
         except SandboxUnavailable as exc:
             unavailable: str | None = str(exc)
             problem = None
@@ -327,7 +343,7 @@ class SandboxFactory:
         from ..rootfs.store import Rootfs
         settings = with_profile(self._config, settings, self._item.nodeid)
         resolved = SandboxSettings.from_kwargs(settings, defaults=_defaults(self._config),
-                                               source=self._item.nodeid)
+                                               source=self._item.nodeid, also_allowed=("profile",))
         probe = client.probe(resolved.network)
         if not probe.ok:
             raise SandboxUnavailable(f"this machine cannot make sandboxes: {probe.error}")

@@ -62,13 +62,21 @@ class HostSpec(NamedTuple):
 RootfsSpec = Union[AlpineSpec, UrlSpec, PathSpec, HostSpec]
 
 
-def parse(spec: str | os.PathLike[str]) -> RootfsSpec:
-    """Parse a spec; a bad one is a ConfigError that says what is wrong and lists the forms.
+def parse(spec: str | os.PathLike[str], kind: str = "rootfs") -> RootfsSpec:
+    """Parse a spec; a bad one is a ConfigError that says what is wrong and lists the forms, and
+    calls it a `kind` ("rootfs", or "layer" for a tree laid over one).
 
     `alpine`, `alpine:...`, `alpine@...` and `host` are keywords even where a file of that name
     exists (write `./alpine` for that); any other spec that names an existing path is that path,
     whatever its name (`alpine-minirootfs-3.20.3-x86_64.tar.gz`).
     """
+    try:
+        return _parse(spec)
+    except _BadSpec as exc:
+        raise ConfigError(f"bad {kind} {exc.spec!r}: {exc.why}; the forms are: {', '.join(FORMS)}") from None
+
+
+def _parse(spec: str | os.PathLike[str]) -> RootfsSpec:
     if isinstance(spec, os.PathLike):
         return _path_spec(os.fspath(spec))
     if not isinstance(spec, str) or not spec.strip():
@@ -135,5 +143,13 @@ def _path_spec(text: str) -> PathSpec:
     raise _bad(text, f"it is neither a directory nor a tarball that exists (looked at {path})")
 
 
+class _BadSpec(ConfigError):
+    """A spec that does not parse; `parse` names it as the rootfs or layer it was meant to be."""
+
+    def __init__(self, spec: object, why: str):
+        super().__init__(f"bad rootfs {spec!r}: {why}; the forms are: {', '.join(FORMS)}")
+        self.spec, self.why = spec, why
+
+
 def _bad(spec: object, why: str) -> ConfigError:
-    return ConfigError(f"bad rootfs {spec!r}: {why}; the forms are: {', '.join(FORMS)}")
+    return _BadSpec(spec, why)

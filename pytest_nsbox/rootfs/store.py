@@ -120,7 +120,8 @@ class RootfsStore:
                 layer: bool = False) -> Rootfs:
         """The tree for `spec`, fetching and extracting it if it is not cached yet.  A root
         filesystem must have an executable /bin/sh; a `layer` (files laid over one) need not."""
-        parsed = spec if isinstance(spec, (AlpineSpec, UrlSpec, PathSpec, HostSpec)) else parse(spec)
+        parsed = spec if isinstance(spec, (AlpineSpec, UrlSpec, PathSpec, HostSpec)) \
+            else parse(spec, "layer" if layer else "rootfs")
         key = str(parsed)
         if layer and isinstance(parsed, HostSpec):
             raise ConfigError("'host' is a whole root filesystem, not a layer to lay over one")
