@@ -162,7 +162,9 @@ class LoggedHere:
         handler = _log_file_handler(item.config)
         if handler is not None and handler.stream is not None:
             # Not setStream(): it would flush into the file what pytest buffered before the fork.
-            handler.stream = self._log_file
+            # Held, not dropped: the child never closes pytest's file (a ResourceWarning would
+            # fail the test under -W error), it only leaves.
+            self._pytests_stream, handler.stream = handler.stream, self._log_file
 
     def __call__(self, report: TestReport) -> None:
         self.reports.append(serialize(self.item, report))
