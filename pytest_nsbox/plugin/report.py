@@ -86,9 +86,13 @@ def shell_line(sb: Sandbox, rootfs: str | None = None) -> str:
 
 def keep(sb: Sandbox, directory: Path, name: str) -> str:
     """The sandbox's whole tree as a tarball in `directory` (a rootfs spec for `nsbox shell`), or why
-    it could not be kept."""
-    directory.mkdir(parents=True, exist_ok=True)
+    it could not be kept.  Isolated tests may write the basetemp: `save` follows no link they made
+    there, at the directory or at the tarball's name."""
     try:
+        try:
+            os.mkdir(directory)  # never through a link at its name; the basetemp itself is pytest's
+        except FileExistsError:
+            pass  # (ours from an earlier failure, or a planted link: save refuses the latter)
         return str(sb.save(directory / (re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[-120:] + ".tar")))
-    except Exception as exc:  # noqa: BLE001 - a dead or full sandbox: the report says so
+    except Exception as exc:  # noqa: BLE001 - a dead or full sandbox, a planted link: the report says so
         return f"not kept ({type(exc).__name__}: {exc})"
