@@ -270,8 +270,13 @@ def test_file_permissions_hold_as_in_a_plain_run(pytester):
 
 def test_hypothesis_keeps_its_example_database_as_in_a_plain_run(pytester):
     pytest.importorskip("hypothesis")  # CI: python-dateutil's suite in .ci/third-party uses it
+    # Hypothesis keeps no database under CI=true (its "ci" profile): name the plain run's one.
     pytester.makepyfile(textwrap.dedent("""
-        from hypothesis import given, strategies as st
+        from hypothesis import given, settings, strategies as st
+        from hypothesis.database import DirectoryBasedExampleDatabase
+
+        settings.register_profile("plain", database=DirectoryBasedExampleDatabase(".hypothesis/examples"))
+        settings.load_profile("plain")
 
         @given(st.integers())
         def test_property(n):
