@@ -8,6 +8,8 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+_STALL_LIMIT = 120.0  # a stalled answer ends by then even if the test forgets to stop the server
+
 
 @dataclass
 class Mirror:
@@ -16,6 +18,9 @@ class Mirror:
     requests: list[str] = field(default_factory=list)
     fail: dict[str, int] = field(default_factory=dict)     # path suffix -> HTTP status
     truncate: set[str] = field(default_factory=set)        # path suffixes sent cut short
+    stall: dict[str, int] = field(default_factory=dict)    # path suffix -> bytes sent before going silent
+    silent: set[str] = field(default_factory=set)          # path suffixes answered with nothing at all
+    stopped: threading.Event = field(default_factory=threading.Event)
 
     def downloads(self, name: str) -> int:
         return sum(1 for path in self.requests if path.endswith(name))
@@ -41,12 +46,20 @@ def serve(source: Path, dest: Path):
                 if self.path.endswith(suffix):
                     self.send_error(status)
                     return
-            if any(self.path.endswith(s) for s in mirror.truncate):
+            if any(self.path.endswith(s) for s in mirror.silent):
+                mirror.stopped.wait(_STALL_LIMIT)  # connected, and not a byte back
+                self.close_connection = True
+                return
+            sent = next((n for suffix, n in mirror.stall.items() if self.path.endswith(suffix)), None)
+            if sent is not None or any(self.path.endswith(s) for s in mirror.truncate):
                 data = (dest / self.path.lstrip("/")).read_bytes()
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                self.wfile.write(data[: len(data) // 2])
+                self.wfile.write(data[: len(data) // 2 if sent is None else sent])
+                self.wfile.flush()
+                if sent is not None:
+                    mirror.stopped.wait(_STALL_LIMIT)  # headers and a part, then nothing
                 self.close_connection = True
                 return
             super().do_GET()
@@ -57,6 +70,7 @@ def serve(source: Path, dest: Path):
     thread.start()
 
     def stop():
+        mirror.stopped.set()
         server.shutdown()
         server.server_close()
         thread.join()

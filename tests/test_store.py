@@ -120,7 +120,7 @@ def test_mirror_contradicting_a_pin_is_refused(store, mirror):
 
 def test_truncated_download_is_not_cached(store, mirror):
     mirror.truncate.add("3.20.3-x86_64.tar.gz")
-    with pytest.raises(RootfsError, match="truncated|interrupted"):
+    with pytest.raises(RootfsError, match="closed the connection after 1.7 MB of 3.5 MB"):
         store.resolve("alpine:3.20.3")
     assert _cache_leftovers(store) == []
 
@@ -147,7 +147,8 @@ def test_unknown_release_is_a_clear_error(store, spec, known):
 
 def test_unknown_release_on_an_unlisted_mirror_names_the_pinned_ones(store, mirror):
     mirror.fail["/"] = 403  # a mirror that lists no directories
-    with pytest.raises(RootfsError, match=r"no such Alpine release 9.99 .*; pinned releases: 3.19.4, 3.20.3$"):
+    with pytest.raises(RootfsError, match=r"no such Alpine release 9.99 \(x86_64\) on [^;]*; pinned releases: 3.19.4, "
+                                          r"3.20.3; ask for one of these"):
         store.resolve("alpine:9.99")
 
 
@@ -162,7 +163,7 @@ def test_offline_hit_and_miss(store, tmp_path):
 
 def test_network_failure_uses_the_cache_or_says_how_to_fill_it(store, tmp_path):
     store.resolve("alpine:3.20.3")
-    unreachable = RootfsStore(tmp_path / "cache", "http://127.0.0.1:9")  # nothing listens on port 9
+    unreachable = RootfsStore(tmp_path / "cache", "http://nonexistent.invalid")  # as without DNS
     assert unreachable.resolve("alpine:3.20.3").digest == SHA_320
     with pytest.raises(RootfsError, match=r"alpine:3.19 is not in the cache .*nsbox rootfs pull alpine:3.19"):
         unreachable.resolve("alpine:3.19")

@@ -69,6 +69,22 @@ def test_a_read_only_cache_is_a_sentence(tmp_path, mirror):
         assert cli.stderr.startswith("nsbox: alpine:3.20: cannot write")
 
 
+def test_a_read_only_cache_still_says_why_a_download_failed(tmp_path, mirror):
+    # An isolated test's call sees the cache read-only: a failed fetch is remembered in the process
+    # only, and is still its sentence, not an OSError from the record or its lock.
+    cache = tmp_path / "cache"
+    RootfsStore(cache, mirror.url, run_id="run").resolve("alpine:3.19")  # a branch lookup: fetches/ and a lock
+    assert list((cache / "fetches").glob("*.lock"))
+    mirror.fail["latest-releases.yaml"] = 500
+    store = RootfsStore(cache, mirror.url, run_id="run")
+    with read_only(cache):
+        for _ in range(2):
+            with pytest.raises(RootfsError, match=r"rootfs alpine:3.20 is not in the cache .* cannot be fetched: "
+                                                  r"GET .*latest-releases.yaml: the server answered HTTP 500"):
+                store.resolve("alpine:3.20")
+    assert mirror.downloads("v3.20/releases/x86_64/latest-releases.yaml") == 1
+
+
 @pytest.mark.skipif(ROOT, reason="root reads every directory")
 def test_a_cache_under_an_unreadable_parent_is_a_sentence(tmp_path, alpine_tarball):
     parent = tmp_path / "locked"
@@ -92,6 +108,23 @@ FULL_DISK = textwrap.dedent("""
     except NsboxError as exc:
         print(exc)
 """)
+
+
+@pytest.mark.skipif(ROOT, reason="root reads every directory")
+def test_an_unreadable_rootfs_directory_is_a_sentence(tmp_path, alpine_tarball, cache_dir):
+    import tarfile
+
+    from pytest_nsbox import Sandbox
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    with tarfile.open(alpine_tarball) as tar:
+        tar.extractall(tree, **({"filter": "tar"} if hasattr(tarfile, "tar_filter") else {}))
+    tree.chmod(0)
+    try:
+        with pytest.raises(RootfsError, match=r"cannot read .*tree/bin: permission denied; .*chmod -R u\+rX"):
+            Sandbox(rootfs=tree, cache_dir=cache_dir).start()
+    finally:
+        tree.chmod(0o755)
 
 
 def test_a_failed_write_of_resolutions_is_a_sentence_and_leaves_nothing(tmp_path, mirror):

@@ -10,6 +10,10 @@ from typing import NamedTuple
 from ..errors import ConfigError, RootfsError
 
 DEFAULT_MIRROR = "https://dl-cdn.alpinelinux.org/alpine"
+#: Every way to choose the mirror, for the sentences that advise another one.
+MIRROR_OPTIONS = ("--nsbox-alpine-mirror=URL (ini nsbox_alpine_mirror, env NSBOX_ALPINE_MIRROR, "
+                  "or `nsbox rootfs --mirror URL`)")
+ANOTHER_MIRROR = f"use another mirror: {MIRROR_OPTIONS}"
 
 # `uname -m` to Alpine's architecture names.
 _ARCHES = {
