@@ -14,7 +14,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 __all__ = ["ConfigError", "Mount", "NsboxError", "NsboxWarning", "PublishedPort", "RootfsError", "Sandbox", "SandboxClosed",
-           "SandboxProcess", "SandboxSettings", "SandboxSetupError", "SandboxUnavailable",
+           "SandboxProcess", "SandboxSettings", "SandboxSetupError", "SandboxUnavailable", "ServerNotReady",
            "UnsafeArchiveError"]
 
 _HOMES = {
@@ -22,6 +22,7 @@ _HOMES = {
     "Mount": "settings", "SandboxSettings": "settings",
     "NsboxError": "errors", "NsboxWarning": "errors", "ConfigError": "errors", "RootfsError": "errors", "UnsafeArchiveError": "errors",
     "SandboxClosed": "errors", "SandboxSetupError": "errors", "SandboxUnavailable": "errors",
+    "ServerNotReady": "errors",
 }
 
 TYPE_CHECKING = False  # not typing's: the spawner imports this package and must stay small
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
     from .engine.sandbox import Sandbox
     from .engine.services import PublishedPort
     from .errors import (ConfigError, NsboxError, NsboxWarning, RootfsError, SandboxClosed,
-                         SandboxSetupError, SandboxUnavailable, UnsafeArchiveError)
+                         SandboxSetupError, SandboxUnavailable, ServerNotReady, UnsafeArchiveError)
     from .settings import Mount, SandboxSettings
 
 

@@ -27,6 +27,11 @@ class SandboxClosed(NsboxError):
     """The sandbox was used after it was closed, or it died (its lifetime timeout, or killed)."""
 
 
+class ServerNotReady(NsboxError, TimeoutError):
+    """A server in a sandbox was not ready in time (it did not listen, print or answer as waited
+    for), or it exited first."""
+
+
 class RootfsError(NsboxError):
     """The root filesystem could not be found, verified or extracted."""
 

@@ -52,6 +52,17 @@ def test_bytes_mode(sandbox):
     assert result.stdout == b"\xff\x00"
 
 
+def test_undecodable_output_follows_errors_as_in_subprocess(sandbox):
+    command = ["printf", "\\377ok"]
+    assert sandbox.run(command).stdout == "\ufffdok"  # the default: replaced, never an exception
+    assert sandbox.run(command, errors="surrogateescape").stdout.encode("utf-8", "surrogateescape") == b"\xffok"
+    with pytest.raises(UnicodeDecodeError):
+        sandbox.run(command, errors="strict")
+    process = sandbox.spawn(command, stdout=subprocess.PIPE, errors="backslashreplace")
+    assert process.stdout.read() == "\\xffok"
+    process.wait()
+
+
 def test_stderr_is_separate(sandbox):
     result = sandbox.run("echo out; echo err >&2")
     assert (result.stdout, result.stderr) == ("out\n", "err\n")
@@ -69,9 +80,20 @@ def test_missing_program_raises_file_not_found(sandbox):
         sandbox.run(["no-such-program"])
 
 
-def test_missing_cwd_raises(sandbox):
-    with pytest.raises(FileNotFoundError, match="/nowhere"):
-        sandbox.run(["true"], cwd="/nowhere")
+@pytest.mark.parametrize("command", ["true", ["true"]], ids=["shell", "argv"])
+def test_a_missing_cwd_is_named_not_the_program(sandbox, command):
+    with pytest.raises(FileNotFoundError) as info:
+        sandbox.run(command, cwd="/nowhere")
+    assert info.value.filename == "/nowhere"  # as subprocess names it, never '/bin/sh'
+    assert "working directory (cwd) /nowhere does not exist" in str(info.value)
+    assert "/bin/sh" not in str(info.value)
+
+
+def test_a_cwd_that_is_a_file_is_not_a_directory(sandbox):
+    with pytest.raises(NotADirectoryError) as info:
+        sandbox.run(["true"], cwd="/etc/passwd")
+    assert info.value.filename == "/etc/passwd"
+    assert "is not a directory" in str(info.value)
 
 
 def test_timeout_kills_background_children_promptly(sandbox):

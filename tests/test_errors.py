@@ -193,6 +193,22 @@ def test_a_nul_byte_is_refused_as_subprocess_does(sandbox):
         sandbox.run(["true"], env={"A": "a\0b"})
 
 
+@pytest.mark.parametrize("env", [{"": "1"}, {"A=B": "1"}, {"A": 1}])
+def test_a_bad_environment_name_is_one_sentence_naming_it(sandbox, env):
+    with pytest.raises(ConfigError, match="environment") as info:
+        sandbox.run(["true"], env=env)
+    assert repr(next(iter(env))) in str(info.value)
+    assert "ValueError" not in str(info.value)
+
+
+def test_a_write_under_proc_says_why_it_cannot_be(sandbox):
+    with pytest.raises(FileNotFoundError, match=r"cannot write /proc/x in the sandbox: /proc is the kernel's own "
+                       r"filesystem, where no file can be made \(ENOENT\)"):
+        sandbox.write_file("/proc/x", "1")
+    with pytest.raises(OSError, match="cannot write /proc/sys/kernel/hostname in the sandbox: EROFS"):
+        sandbox.write_file("/proc/sys/kernel/hostname", "x")
+
+
 def test_file_errors_are_the_ones_open_raises(sandbox):
     with pytest.raises(IsADirectoryError, match="cannot read /etc in the sandbox: it is a directory"):
         sandbox.read_file("/etc")
@@ -222,3 +238,20 @@ def test_errors_from_the_sandbox_do_not_show_our_code(pytester):
     assert "sandbox.py" not in out and "def run(" not in out, out
     result.stdout.fnmatch_lines(["E *FileNotFoundError: *no-such-program*",
                                  "E *pytest_nsbox.errors.SandboxClosed: this sandbox is not started or already closed"])
+
+
+def test_url_takes_the_scheme_first_and_says_so(sandbox):
+    with pytest.raises(ConfigError, match=r"give a path as url\(path='/health'\)"):
+        sandbox.port(8080).url("/health")
+    assert sandbox.port(8080).url(path="/health").endswith("/health")
+
+
+def test_a_failed_check_shows_the_tests_line_not_subprocesss(pytester):
+    pytester.makepyfile(textwrap.dedent("""
+        def test_it(sandbox):
+            sandbox.run("exit 3", check=True)
+    """))
+    result = pytester.runpytest_subprocess()
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(['*sandbox.run("exit 3", check=True)*', "*CalledProcessError*"])
+    assert "def check_returncode" not in result.stdout.str()

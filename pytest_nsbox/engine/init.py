@@ -246,7 +246,8 @@ class Init:
         try:
             path = "" if moves else _which(argv[0], env.get("PATH", ""))
             if not os.path.isdir(cwd):
-                raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), cwd)
+                code = errno.ENOTDIR if os.path.lexists(cwd) else errno.ENOENT
+                raise OSError(code, os.strerror(code), cwd)
         except OSError as exc:
             self._failed(request_id, *_exec_failure(exc, cwd))
             return
@@ -290,8 +291,9 @@ class Init:
                     "is still forking, or pids_max is too low for this test")
         return f"cannot start {argv[0]}: {exc}"
 
-    def _failed(self, request_id: int, errno_: int, error: str) -> None:
-        protocol.send(self.sock, {"op": "failed", "id": request_id, "errno": errno_, "error": error})
+    def _failed(self, request_id: int, errno_: int, error: str, step: str = "") -> None:
+        protocol.send(self.sock, {"op": "failed", "id": request_id, "errno": errno_, "error": error,
+                                  "step": step})
 
 
 def _become(path: str, argv: list[str], env: dict[str, str], cwd: str, stdio: list[int | None],
@@ -338,7 +340,7 @@ def _become(path: str, argv: list[str], env: dict[str, str], cwd: str, stdio: li
     except OSError as exc:
         os.write(err_w, marshal.dumps(_exec_failure(exc, cwd)))
     except BaseException as exc:  # noqa: BLE001 - report whatever stopped us, then leave
-        os.write(err_w, marshal.dumps((0, repr(exc))))
+        os.write(err_w, marshal.dumps((0, repr(exc), "")))
     os._exit(127)
 
 
@@ -397,19 +399,20 @@ def _stdio_slots(layout_: list[str | None], fds: list[int]) -> list[int | None]:
     return [next(it) if slot == "fd" else None for slot in layout_]
 
 
-def _decode_failure(data: bytes) -> tuple[int, str]:
+def _decode_failure(data: bytes) -> tuple[int, str, str]:
     try:
-        errno_, text = marshal.loads(data)
-        return int(errno_), str(text)
+        errno_, text, step = marshal.loads(data)
+        return int(errno_), str(text), str(step)
     except (ValueError, TypeError, EOFError):
-        return 0, "the command died before exec"
+        return 0, "the command died before exec", ""
 
 
-def _exec_failure(exc: OSError, cwd: str) -> tuple[int, str]:
-    """(errno, sentence) for a command that could not be started."""
+def _exec_failure(exc: OSError, cwd: str) -> tuple[int, str, str]:
+    """(errno, sentence, step) for a command that could not be started; the step ("chdir" or
+    "exec") lets the caller name the working directory rather than the program, as subprocess does."""
     what = "chdir" if exc.filename == cwd else "exec"
     name = errno.errorcode.get(exc.errno or 0, "?")
-    return exc.errno or 0, f"{what} {exc.filename}: {name} ({exc.strerror})"
+    return exc.errno or 0, f"{what} {exc.filename}: {name} ({exc.strerror})", what
 
 
 def _state(proc: int, name: str) -> bytes:

@@ -73,7 +73,7 @@ class SandboxProcess:
     """
 
     def __init__(self, sandbox: Sandbox, channel: Channel, pid: int, args: Command,
-                 streams: Streams, text: bool, record: CommandRecord):
+                 streams: Streams, text: bool, record: CommandRecord, errors: str = "replace"):
         self.sandbox = sandbox
         self.args = args
         self.pid = pid
@@ -81,11 +81,12 @@ class SandboxProcess:
         self._ended_with_sandbox = False
         self._channel = channel
         self._text = text
+        self._errors = errors
         self._record = record
         self._started = time.monotonic()
-        self.stdin: IO[Any] | None = streams.open_parent("stdin", text)
-        self.stdout: IO[Any] | None = streams.open_parent("stdout", text)
-        self.stderr: IO[Any] | None = streams.open_parent("stderr", text)
+        self.stdin: IO[Any] | None = streams.open_parent("stdin", text, errors)
+        self.stdout: IO[Any] | None = streams.open_parent("stdout", text, errors)
+        self.stderr: IO[Any] | None = streams.open_parent("stderr", text, errors)
         #: What wait_for_output() read from each stream (a pipe gives its data only once).
         self.output_seen: dict[str, str] = {}
         self.output_decoders: dict[str, Any] = {}  # wait_for_output's, so a character may span reads
@@ -93,9 +94,10 @@ class SandboxProcess:
     def wait_for_output(self, pattern: str | re.Pattern[str], timeout: float = 10.0,
                         stream: str = "stdout") -> re.Match[str]:
         """Read the command's `stream` (spawned with PIPE) until `pattern` matches; the match.
-        TimeoutError, with the last lines it printed, if not within `timeout` or if it exits first."""
+        ServerNotReady (a TimeoutError), with the last lines it printed, if not within `timeout` or
+        if it exits first."""
         __tracebackhide__ = True
-        check_timeout(timeout)
+        services.check_wait("wait_for_output", timeout)
         return services.wait_for_output(self, pattern, timeout, stream)
 
     def poll(self) -> int | None:
@@ -221,7 +223,7 @@ class SandboxProcess:
     def _decode(self, data: bytes | None) -> Any:
         if data is None or not self._text:
             return data
-        return data.decode("utf-8", errors="replace")
+        return data.decode("utf-8", errors=self._errors)
 
     def _close_stream(self, name: str) -> None:
         stream = getattr(self, name)
@@ -250,6 +252,9 @@ class SandboxProcess:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        # A failed test's report is made after this: keep what the server left unread (bounded).
+        for stream in ("stdout", "stderr"):
+            services.pending_output(self, stream)
         self._close_pipes()
         if self.returncode is None:
             self.kill()
@@ -316,13 +321,13 @@ class Streams:
             os.close(fd)
         self.parent.clear()
 
-    def open_parent(self, name: str, text: bool) -> IO[Any] | None:
+    def open_parent(self, name: str, text: bool, errors: str = "replace") -> IO[Any] | None:
         fd = self.parent.pop(name, None)
         if fd is None:
             return None
         mode = "w" if name == "stdin" else "r"
         if text:
-            return open(fd, mode, encoding="utf-8", errors="replace")
+            return open(fd, mode, encoding="utf-8", errors=errors)
         return open(fd, mode + "b", buffering=0)
 
 

@@ -24,12 +24,15 @@ import os
 import re
 import resource
 import select
+import shlex
 import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
+
+from ..errors import ConfigError, ServerNotReady
 
 #: Bytes one direction of a relayed connection reads at once (smaller ones slow bulk transfers).
 BUFFER_SIZE = 1 << 18
@@ -52,6 +55,10 @@ class PublishedPort(NamedTuple):
         return f"{self.host}:{self.port}"
 
     def url(self, scheme: str = "http", path: str = "/") -> str:
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*", scheme or ""):
+            from ..errors import ConfigError
+            raise ConfigError(f"url({scheme!r}): the first argument is the scheme, such as 'http'; give a "
+                              f"path as url(path={scheme!r})")
         return f"{scheme}://{self.host}:{self.port}{path}"
 
 
@@ -276,36 +283,188 @@ def _copy(source: socket.socket, target: socket.socket) -> None:
         pass
 
 
-def wait_until_connectable(make_inner_socket: Callable[[], socket.socket], port: int, timeout: float,
-                           gone: Callable[[], str | None]) -> None:
-    """Until something in the sandbox accepts a connection on its 127.0.0.1:`port`; TimeoutError
-    after `timeout` seconds, or at once if `gone()` says why waiting is pointless (the server
-    exited)."""
-    deadline = time.monotonic() + timeout
-    pause = 0.005
-    while True:
-        sock = make_inner_socket()
-        try:
-            sock.settimeout(max(0.05, deadline - time.monotonic()))
-            sock.connect(("127.0.0.1", port))
-            return
-        except OSError as exc:
-            if exc.errno not in (errno.ECONNREFUSED, errno.ETIMEDOUT, None) and not isinstance(exc, TimeoutError):
-                raise
-        finally:
-            sock.close()
-        why = gone()
-        if why is not None:
-            raise TimeoutError(f"nothing will listen on port {port} in the sandbox: {why}")
-        if time.monotonic() + pause > deadline:
-            raise TimeoutError(f"nothing listened on port {port} in the sandbox within {timeout:g} s")
-        time.sleep(pause)
-        pause = min(pause * 2, 0.1)
+# -- readiness -------------------------------------------------------------------------------------
+# Each wait calls an attempt until it succeeds, stops at once when waiting is pointless (the server
+# exited, the sandbox is gone), and raises ServerNotReady with __tracebackhide__ set all the way
+# down: pytest then shows the test's own line and the message, not this module's source.
 
-
+_NOT_YET: Any = object()  # what an attempt returns while the server is not ready
 #: How far before new output a match may start: the search never rescans all that came before.
 MATCH_SPAN = 64 << 10
 _TAIL_CHARS = 2000
+#: Lines of a server's output that an error or the failure report shows, and characters of each.
+TAIL_LINES = 20
+LINE_CHARS = 300
+#: Unread output a failed wait or the report takes from one pipe at once: more than a pipe holds
+#: (64 KiB by default, 1 MiB at most unless raised), so a server that floods cannot keep it reading.
+PENDING_BUDGET = 1 << 20
+
+
+class Server:
+    """What a wait knows of the server it waits for (if it was given one), to stop at once when
+    waiting is pointless, and to say what became of it."""
+
+    def __init__(self, check_sandbox: Callable[[], object], process: Any | None):
+        self._check_sandbox = check_sandbox
+        self.process = process
+
+    def gone(self) -> str | None:
+        """Why nothing will get ready: the server exited; None while it may still. A closed or
+        dead sandbox raises SandboxClosed, now."""
+        __tracebackhide__ = True
+        self._check_sandbox()
+        process = self.process
+        if process is None or process.poll() is None:
+            return None
+        return f"its server `{shell_form(process.args)}` exited with status {process.returncode}"
+
+    def still(self) -> str:
+        """'; its server `...` is still running after N s', or '' if the wait names no server."""
+        if self.process is None or self.process.poll() is not None:
+            return ""
+        return (f"; its server `{shell_form(self.process.args)}` is still running after "
+                f"{running_for(self.process):.1f} s")
+
+    def ended(self) -> str:
+        """'; its stderr ended:' and the last lines the server left in its pipe (stdout if stderr
+        has none), or '' if it printed nothing we can read."""
+        if self.process is None:
+            return ""
+        for stream in ("stderr", "stdout"):
+            lines, _earlier = tail_lines(pending_output(self.process, stream), 5)
+            if lines:
+                return f"; its {stream} ended:\n" + "\n".join(f"  {line}" for line in lines)
+        return ""
+
+
+def poll_until(attempt: Callable[[float], Any], timeout: float, server: Server,
+               fail: Callable[[str | None], str], interval: float | None = None) -> Any:
+    """`attempt(seconds left)` until it returns anything but _NOT_YET, and that. ServerNotReady with
+    `fail(why)` as soon as the server is gone, or `fail(None)` after `timeout` s. Without an
+    `interval` the pause doubles from 5 ms to 100 ms: a quick server is seen at once, a slow one
+    costs little."""
+    __tracebackhide__ = True
+    deadline = time.monotonic() + timeout
+    pause = interval or 0.005
+    while True:
+        result = attempt(max(0.05, deadline - time.monotonic()))
+        if result is not _NOT_YET:
+            return result
+        why = server.gone()
+        if why is not None:
+            raise ServerNotReady(fail(why) + server.ended())
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise ServerNotReady(fail(None))
+        time.sleep(min(pause, left))
+        if interval is None:
+            pause = min(pause * 2, 0.1)
+
+
+def wait_until_connectable(make_inner_socket: Callable[[], socket.socket], port: int, timeout: float,
+                           server: Server) -> None:
+    """Until something in the sandbox accepts a connection on its 127.0.0.1:`port`."""
+    __tracebackhide__ = True
+
+    def attempt(left: float) -> Any:
+        __tracebackhide__ = True
+        sock = make_inner_socket()
+        try:
+            sock.settimeout(left)
+            sock.connect(("127.0.0.1", port))
+            return None
+        except OSError as exc:
+            if exc.errno not in (errno.ECONNREFUSED, errno.ETIMEDOUT, None) and not isinstance(exc, TimeoutError):
+                raise
+            return _NOT_YET
+        finally:
+            sock.close()
+
+    def fail(why: str | None) -> str:
+        if why is not None:
+            return f"nothing will listen on port {port} in the sandbox: {why}"
+        return (f"nothing listened on port {port} in the sandbox within {timeout:g} s{server.still()}: "
+                f"the server must listen on port {port} of 127.0.0.1 (or 0.0.0.0) in there, or take a "
+                "longer timeout=")
+    poll_until(attempt, timeout, server, fail)
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, interval: float, server: Server) -> Any:
+    """`predicate()` until it returns something true, and that. What it raised counts as "not yet"
+    (a client refused, a half-started server): the error names the last of it."""
+    __tracebackhide__ = True
+    name = f"wait_until({callable_name(predicate)})"
+    last = ["it was not called"]
+
+    def attempt(_left: float) -> Any:
+        try:
+            value = predicate()
+        except Exception as exc:  # noqa: BLE001 - the predicate's own "not yet"; named in the error
+            last[0] = f"it raised {describe_exception(exc)}"
+            return _NOT_YET
+        if value:
+            return value
+        last[0] = f"it returned {_short_repr(value)}"
+        return _NOT_YET
+
+    def fail(why: str | None) -> str:
+        if why is not None:
+            return f"{name} will not be true (last: {last[0]}): {why}"
+        return (f"{name} was not true within {timeout:g} s; last: {last[0]}{server.still()} "
+                "(a longer timeout= gives it more time)")
+    return poll_until(attempt, timeout, server, fail, interval)
+
+
+def http_status(status: object) -> tuple[Callable[[int], bool], str]:
+    """A check of `wait_for_http`'s `status=` (a code, several, or a callable on the code), and
+    its words for the error; ConfigError for anything else."""
+    if isinstance(status, int) and not isinstance(status, bool):
+        return (lambda code: code == status), f"status {status}"
+    if callable(status):
+        return (lambda code: bool(status(code))), f"a status {callable_name(status)} accepts"
+    if isinstance(status, (tuple, list, set, frozenset, range)) and status and \
+            all(isinstance(code, int) and not isinstance(code, bool) for code in status):
+        codes = frozenset(status)
+        return (lambda code: code in codes), f"a status in {', '.join(map(str, sorted(codes)))}"
+    raise ConfigError(f"wait_for_http(status={status!r}): a status is an HTTP status code (200), several "
+                      "((200, 204)), or a callable that takes the code and says whether it means ready")
+
+
+def wait_for_http(url: str, where: str, status: tuple[Callable[[int], bool], str], timeout: float,
+                  server: Server) -> None:
+    """Until a GET of `url` answers with a status that `status` accepts (redirects followed, as
+    urllib does). No proxy: the host's proxy settings must not send 127.0.0.1 elsewhere."""
+    __tracebackhide__ = True
+    import http.client
+    import urllib.error
+    import urllib.request
+    accept, wanted = status
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    last = ["no answer"]
+
+    def attempt(left: float) -> Any:
+        __tracebackhide__ = True
+        try:
+            with opener.open(url, timeout=left) as response:
+                code = response.status
+        except urllib.error.HTTPError as exc:
+            code = exc.code
+            exc.close()
+        except (OSError, http.client.HTTPException) as exc:
+            reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+            last[0] = f"no answer ({describe_exception(reason)})"
+            return _NOT_YET
+        if accept(code):
+            return None
+        last[0] = f"status {code}"
+        return _NOT_YET
+
+    def fail(why: str | None) -> str:
+        if why is not None:
+            return f"{url} ({where}) will not answer with {wanted} (last: {last[0]}): {why}"
+        return (f"{url} ({where}) did not answer with {wanted} within {timeout:g} s; last: {last[0]}"
+                f"{server.still()} (a longer timeout= gives it more time)")
+    poll_until(attempt, timeout, server, fail)
 
 
 def wait_for_output(process: Any, pattern: str | re.Pattern[str], timeout: float, stream: str) -> re.Match[str]:
@@ -314,16 +473,15 @@ def wait_for_output(process: Any, pattern: str | re.Pattern[str], timeout: float
     What is read is kept in `process.output_seen[stream]` (the pipe gives it only once): its last
     `output_max` characters.  A match may span reads but not more than MATCH_SPAN characters
     before the newest one, so that a flood costs linear time.  On a timeout, or if the process ends
-    first, TimeoutError says so and shows the last lines it printed.
+    first, ServerNotReady says so and shows the last lines it printed.
     """
+    __tracebackhide__ = True
     pipe = getattr(process, stream, None)
     if pipe is None:
-        raise ValueError(f"wait_for_output reads the process's {stream}: spawn it with {stream}=PIPE")
+        raise ConfigError(f"wait_for_output reads the process's {stream}: spawn it with {stream}=PIPE")
     regex = re.compile(pattern) if isinstance(pattern, str) else pattern
     seen = process.output_seen
     seen.setdefault(stream, "")
-    decoder = process.output_decoders.setdefault(stream, codecs.getincrementaldecoder("utf-8")("replace"))
-    keep = process.sandbox.settings.output_max
     fd = pipe.fileno()
     deadline = time.monotonic() + timeout
     ended = False
@@ -335,19 +493,17 @@ def wait_for_output(process: Any, pattern: str | re.Pattern[str], timeout: float
         remaining = deadline - time.monotonic()
         if ended or remaining <= 0:
             tail = "\n".join(seen[stream][-_TAIL_CHARS:].splitlines()[-10:]) or "(nothing)"
-            why = _how_it_ended(process, stream) if ended else f"not within {timeout:g} s"
-            raise TimeoutError(f"{stream} of {process.args!r} never matched {regex.pattern!r}: {why}; "
-                               f"its last lines:\n{tail}")
+            why = _how_it_ended(process, stream) if ended else \
+                f"not within {timeout:g} s (a longer timeout= gives it more time)"
+            raise ServerNotReady(f"{stream} of `{shell_form(process.args)}` never matched {regex.pattern!r}: "
+                                 f"{why}; its last lines:\n{tail}")
         ready, _, _ = select.select([fd], [], [], min(remaining, 0.1))
         if ready:
             chunk = os.read(fd, 65536)
             ended = not chunk
-            text = seen[stream] + decoder.decode(chunk, final=ended)
-            start = len(seen[stream]) - MATCH_SPAN
-            if keep is not None and len(text) > keep:
-                start -= len(text) - keep
-                text = text[-keep:]
-            seen[stream], start = text, max(0, start)
+            before = len(seen[stream])
+            cut = _keep(process, stream, chunk)
+            start = max(0, before - MATCH_SPAN - cut)
         elif process.poll() is not None:
             ended = not select.select([fd], [], [], 0)[0]
 
@@ -357,3 +513,91 @@ def _how_it_ended(process: Any, stream: str) -> str:
         return f"it exited with status {process.wait(timeout=2)}"
     except Exception:  # noqa: BLE001 - still running: it only closed the stream
         return f"it closed its {stream}"
+
+
+def _keep(process: Any, stream: str, chunk: bytes) -> int:
+    """Add `chunk` (b"" at the end) to `process.output_seen[stream]`, which keeps its last
+    `output_max` characters; how many were cut from its front."""
+    decoder = process.output_decoders.setdefault(stream, codecs.getincrementaldecoder("utf-8")("replace"))
+    keep = process.sandbox.settings.output_max
+    text = process.output_seen.get(stream, "") + decoder.decode(chunk, final=not chunk)
+    cut = 0
+    if keep is not None and len(text) > keep:
+        cut = len(text) - keep
+        text = text[-keep:]
+    process.output_seen[stream] = text
+    return cut
+
+
+def pending_output(process: Any, stream: str, budget: int = PENDING_BUDGET) -> str:
+    """What `process` printed to its `stream` pipe: what wait_for_output read, and what is there
+    unread now. The latter is taken without blocking and kept in `output_seen`, where a later
+    wait_for_output finds it: the report shows a server's output even if the test never read it."""
+    pipe = getattr(process, stream, None)
+    try:
+        fd = pipe.fileno()  # type: ignore[union-attr]
+    except (AttributeError, OSError, ValueError):  # not a pipe, or one the test closed
+        return process.output_seen.get(stream, "")
+    while budget > 0:
+        try:
+            if not select.select([fd], [], [], 0)[0]:
+                break
+            chunk = os.read(fd, min(65536, budget))
+        except OSError:
+            break
+        _keep(process, stream, chunk)
+        if not chunk:
+            break
+        budget -= len(chunk)
+    return process.output_seen.get(stream, "")
+
+
+def tail_lines(text: str, count: int = TAIL_LINES) -> tuple[list[str], int]:
+    """The last `count` lines of `text`, each cut at LINE_CHARS, and how many lines came before."""
+    text = text.rstrip("\n")
+    if not text:
+        return [], 0
+    lines = text.rsplit("\n", count)[-count:]
+    earlier = text.count("\n") + 1 - len(lines)
+    return [line if len(line) <= LINE_CHARS else f"{line[:LINE_CHARS]} [{len(line) - LINE_CHARS} more characters]"
+            for line in lines], earlier
+
+
+def running_for(process: Any) -> float:
+    """Seconds since `process` started."""
+    return time.time() - process._record.started
+
+
+def shell_form(args: str | Sequence[str]) -> str:
+    return args if isinstance(args, str) else shlex.join(args)
+
+
+def callable_name(fn: object) -> str:
+    """A callable as a user would find it: its name, or a lambda's file and line."""
+    name = getattr(fn, "__qualname__", None)
+    if not isinstance(name, str):
+        return _short_repr(fn)
+    code = getattr(fn, "__code__", None)
+    if name.endswith("<lambda>") and code is not None:
+        return f"<lambda> at {os.path.basename(code.co_filename)}:{code.co_firstlineno}"
+    return name.split("<locals>.")[-1]
+
+
+def describe_exception(exc: BaseException | object) -> str:
+    if isinstance(exc, BaseException):
+        text = str(exc)
+        return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return str(exc)
+
+
+def _short_repr(value: object) -> str:
+    import reprlib
+    return reprlib.repr(value)
+
+
+def check_wait(what: str, timeout: object, interval: object = 1.0) -> None:
+    """ConfigError unless `timeout` (>= 0) and `interval` (> 0) are numbers of seconds."""
+    for name, value, least in (("timeout", timeout, "0 or more"), ("interval", interval, "more than 0")):
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or not (value >= 0 if name == "timeout" else value > 0):  # type: ignore[operator]
+            raise ConfigError(f"{what}({name}={value!r}): {name} is a number of seconds, {least}")
