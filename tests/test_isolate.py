@@ -481,3 +481,33 @@ def _processes_with_argv(argv: list[str]) -> list[int]:
             except OSError:
                 continue
     return found
+
+
+def test_the_docs_saved_rootfs_recipe_works_in_an_isolated_test(pytester):
+    # usage.md's "a saved rootfs" recipe: a session fixture saves a tarball, the test's call makes a
+    # sandbox over it.  The cache is read-only in the call, so the tarball's tree is extracted where
+    # that test alone may write; another test extracts its own.
+    pytester.makepyfile(textwrap.dedent("""
+        import os, pytest
+        from pytest_nsbox import Sandbox
+
+        @pytest.fixture(scope="session")
+        def saved(tmp_path_factory):
+            tarball = tmp_path_factory.mktemp("saved") / "alpine-marked.tar"
+            with Sandbox() as sb:
+                sb.write_file("/etc/marked", "yes")
+                sb.save(tarball)
+            return str(tarball)
+
+        @pytest.mark.parametrize("n", [1, 2])
+        def test_over_the_saved_rootfs(sandbox_factory, saved, n):
+            if os.getuid() == 0:
+                pytest.skip("as root no sandbox is made in an isolated call (test_isolate's capped test)")
+            box = sandbox_factory(rootfs=saved)
+            assert box.run(["cat", "/etc/marked"]).stdout == "yes"
+    """))
+    result = pytester.runpytest_subprocess("--nsbox-isolate", "-rs")
+    if __import__("os").getuid() == 0:
+        result.assert_outcomes(skipped=2)
+    else:
+        result.assert_outcomes(passed=2)

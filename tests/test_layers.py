@@ -118,4 +118,36 @@ def test_nsbox_run_and_the_reproduce_line_take_layers(pytester, extra):
             assert sandbox_factory(layers=[{str(extra)!r}]).run("false").returncode == 0
     """))
     result = pytester.runpytest_subprocess()
-    assert any(line.startswith("  again: nsbox shell ") and f"--layer {extra}" in line for line in result.stdout.lines)
+    assert any(line.startswith("  again: ") and " shell " in line and f"--layer {extra}" in line for line in result.stdout.lines)
+
+
+def _chown_tree(top, uid):
+    for dirpath, dirnames, filenames in os.walk(top):
+        for name in [dirpath, *(os.path.join(dirpath, n) for n in dirnames + filenames)]:
+            os.lchown(name, uid, uid)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="only root can make a tree another uid owns")
+@pytest.mark.parametrize("network", ["host", "none"])
+def test_a_layer_another_uid_owns_works_as_the_users_own(sandbox_factory, extra, tmp_path, network):
+    # A root container over a checkout owned by 1001, as on hosted CI: inside, such a tree is
+    # nobody's, and nothing could be made in it (not /etc/resolv.conf's mount point, not a file).
+    _chown_tree(extra, 1001)
+    box = sandbox_factory(layers=[extra], network=network,
+                          mounts=[(str(tmp_path), "/etc/from-host")])
+    assert box.run("cat /etc/motd; greet").stdout == "from the layer\nhello from the layer\n"
+    box.run("echo new > /etc/made-here", check=True)
+    (extra / "etc" / "motd").write_text("changed on the host\n")
+    again = sandbox_factory(layers=[extra])
+    assert again.run(["cat", "/etc/motd"]).stdout == "changed on the host\n"  # a copy, but never a stale one
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="only root can make a tree another uid owns")
+def test_a_rootfs_directory_another_uid_owns_works_too(sandbox_factory, tmp_path, alpine_tarball):
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    with tarfile.open(alpine_tarball) as tar:
+        tar.extractall(tree, **({"filter": "tar"} if hasattr(tarfile, "tar_filter") else {}))
+    _chown_tree(tree, 1001)
+    box = sandbox_factory(rootfs=tree, network="host")
+    assert box.run("echo ok > /root/x; cat /root/x /etc/alpine-release").stdout == "ok\n3.20.3\n"

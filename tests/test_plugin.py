@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import subprocess
 import sys
@@ -114,12 +115,28 @@ def test_the_report_ends_with_the_nsbox_shell_line_that_makes_the_sandbox_again(
     result = pytester.runpytest_subprocess()
     line = next(line for line in result.stdout.lines if line.startswith("  again: "))
     assert line.endswith("--network host --hostname builder --pids-max 64 --env 'MODE=ci x' --cwd /tmp")
-    assert line.startswith("  again: nsbox shell --rootfs ")
-    # The line works: pasted into a terminal (here a pipe), it makes such a sandbox.
-    command = line.removeprefix("  again: ").replace("nsbox shell", "nsbox run", 1) + " -- sh -c 'hostname; echo $MODE; pwd'"
-    made = subprocess.run(f"{shlex.quote(sys.executable)} -m pytest_nsbox {command[len('nsbox '):]}",
-                          shell=True, capture_output=True, text=True, timeout=60)
+    assert " shell --rootfs " in line
+    # The line works as printed, pasted into a fresh shell (here a pipe): no virtualenv activated,
+    # none of this run's NSBOX_* variables.
+    command = line.removeprefix("  again: ").replace(" shell ", " run ", 1) + " -- sh -c 'hostname; echo $MODE; pwd'"
+    made = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=60, env=_fresh_shell())
     assert made.stdout.splitlines() == ["builder", "ci x", "/tmp"], made.stderr
+
+
+def _fresh_shell() -> dict[str, str]:
+    """The environment of a new terminal: the system's PATH (no virtualenv), no NSBOX_* settings."""
+    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": os.environ.get("HOME", "/root"),
+            **{k: v for k, v in os.environ.items() if k in ("XDG_CACHE_HOME", "XDG_RUNTIME_DIR", "LANG")}}
+
+
+def test_the_again_line_names_the_cache_the_run_used(pytester, tmp_path, cache_dir):
+    pytester.makepyfile("def test_fails(sandbox):\n    assert sandbox.run('false').returncode == 0\n")
+    result = pytester.runpytest_subprocess("--nsbox-cache-dir", str(cache_dir), "--nsbox-keep-on-failure")
+    line = next(line for line in result.stdout.lines if line.startswith("  again: "))
+    assert f"--cache-dir {cache_dir}" in line  # the kept tarball is extracted there, not in ~/.cache
+    command = line.removeprefix("  again: ").replace(" shell ", " run ", 1) + " -- true"
+    made = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=60, env=_fresh_shell())
+    assert made.returncode == 0, made.stderr
 
 
 def test_a_module_sandbox_used_by_a_failed_test_is_in_its_report(pytester):
@@ -141,7 +158,7 @@ def test_a_module_sandbox_used_by_a_failed_test_is_in_its_report(pytester):
     result = pytester.runpytest_subprocess()
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(["*- nsbox sandbox commands (call) -*", "sandbox 1: rootfs *",
-                                 "  $ echo second >&2; exit 4  -> exit 4*", "    stderr| second", "  again: nsbox shell *"])
+                                 "  $ echo second >&2; exit 4  -> exit 4*", "    stderr| second", "  again: * shell *"])
     assert "from the first test" not in result.stdout.str()  # the other test's commands are its own
 
 
@@ -160,6 +177,49 @@ def test_keep_on_failure_keeps_the_filesystem_for_the_shell_line(pytester):
     shown = subprocess.run([sys.executable, "-m", "pytest_nsbox", "run", "--rootfs", kept, "--",
                             "cat", "/root/evidence"], capture_output=True, text=True, timeout=60)
     assert shown.stdout == "what the test left", shown.stderr
+
+
+def test_keep_on_failure_keeps_a_shared_sandbox_as_the_failed_test_left_it(pytester):
+    pytester.makepyfile(textwrap.dedent("""
+        import pytest
+        from pytest_nsbox import Sandbox
+
+        @pytest.fixture(scope="module")
+        def shared(nsbox_defaults):
+            with Sandbox.from_settings(nsbox_defaults) as sb:
+                yield sb
+
+        def test_fails(shared):
+            shared.write_file("/root/evidence", "left by test_fails")
+            assert False
+
+        def test_fails_without_commands(shared):
+            assert False
+    """))
+    result = pytester.runpytest_subprocess("--nsbox-keep-on-failure")
+    result.assert_outcomes(failed=2)
+    kept = [line.split(": ", 1)[1] for line in result.stdout.lines if line.startswith("  its filesystem at the failure: ")]
+    # Both were handed the sandbox; the second ran nothing in it, so it names the same tarball.
+    assert len(kept) == 2 and kept[0] == kept[1] and kept[0].endswith(".tar"), result.stdout.str()
+    shown = subprocess.run([sys.executable, "-m", "pytest_nsbox", "run", "--rootfs", kept[0], "--",
+                            "cat", "/root/evidence"], capture_output=True, text=True, timeout=60)
+    assert shown.stdout == "left by test_fails", shown.stderr
+
+
+def test_keep_on_failure_stops_at_its_budget_and_says_so(pytester):
+    pytester.makepyfile(textwrap.dedent("""
+        import pytest
+
+        @pytest.mark.parametrize("n", [1, 2])
+        def test_fails(sandbox, n):
+            assert sandbox.run("false").returncode == 0
+    """))
+    result = pytester.runpytest_subprocess("--nsbox-keep-on-failure", "--nsbox-keep-on-failure-max", "1K")
+    result.assert_outcomes(failed=2)
+    said = [line for line in result.stdout.lines if line.startswith("  its filesystem at the failure: ")]
+    assert said[0].endswith(".tar")
+    assert "not kept: this test process already kept 1 tarballs" in said[1]
+    assert "--nsbox-keep-on-failure-max" in said[1]
 
 
 @pytest.mark.parametrize("mode, outcome", [("fail", "errors"), ("skip", "skipped")])

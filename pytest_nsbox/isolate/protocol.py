@@ -38,6 +38,7 @@ from _pytest.runner import call_and_report, show_test_item
 
 from ..engine import caps, seccomp
 from ..errors import NsboxWarning
+from ..rootfs.store import SPILL_ENV
 from . import confine, coverage, descriptors, transport
 
 if TYPE_CHECKING:
@@ -258,6 +259,7 @@ def _child(item: pytest.Item, isolation: Isolation, plan: caps.CapPlan, ids: tup
                         settings.pids_max, plan.mechanism == "rlimit",
                         settings.memory_max, plan.memory_mechanism == "rlimit", settings.seccomp)
         descriptors.reopen(held)
+        os.environ[SPILL_ENV] = confine.HOST_VIEW  # a rootfs the read-only cache lacks is extracted there
         if settings.pids_max and plan.mechanism.startswith("cgroup"):
             os.environ[caps.ENCLOSING_ENV] = str(settings.pids_max)  # for sandboxes made in here
         # (cgroup v1: the parent moved us meanwhile; a move costs an RCU grace period, ~1-2 ms)

@@ -10,7 +10,6 @@ closest to the test winning keyword by keyword (function, then class, then modul
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -32,7 +31,8 @@ MARKER_HELP = ("sandbox(isolate=False, profile=None, **settings): configure this
                + ", ".join(SandboxSettings.keys()) + "); profile= a [tool.nsbox.profiles.NAME] of "
                "pyproject.toml under them; isolate=True runs the test itself in a sandbox")
 #: A test that takes one of these makes sandboxes.
-SANDBOX_FIXTURES = ("sandbox", "sandbox_factory", "nsbox_defaults")
+SANDBOX_FIXTURES = ("sandbox", "sandbox_factory", "nsbox_defaults", "module_sandbox", "session_sandbox",
+                    "shared_sandbox_factory")
 
 _OPTIONS = pytest.StashKey[RunOptions]()
 _STORE = pytest.StashKey["RootfsStore"]()
@@ -104,9 +104,11 @@ def _store(config: pytest.Config) -> RootfsStore:
     """The rootfs store, made on first use (its module loads the cache and download code)."""
     if _STORE not in config.stash:
         from ..rootfs.store import RootfsStore
+        from .downloads import Progress, run_id
         options = config.stash[_OPTIONS]
         config.stash[_STORE] = RootfsStore(options.cache_dir, options.mirror, options.offline,
-                                           progress=_Progress(config))
+                                           progress=Progress(config), timeout=options.download_timeout,
+                                           run_id=run_id(config))
     return config.stash[_STORE]
 
 
@@ -155,38 +157,6 @@ def pytest_report_collectionfinish(config: pytest.Config, items: Sequence[pytest
     return lines
 
 
-class _Progress:
-    """Download progress: one line rewritten on a terminal; in a log, one line once it is done.
-
-    xdist workers have no terminal and print nothing.
-    """
-
-    def __init__(self, config: pytest.Config):
-        self._config = config
-        self._last = 0.0
-
-    def __call__(self, name: str, done: int, total: int | None) -> None:
-        import time
-        reporter = self._config.pluginmanager.get_plugin("terminalreporter")
-        if reporter is None or hasattr(self._config, "workerinput"):
-            return
-        finished = total is not None and done >= total
-        capture = self._config.pluginmanager.get_plugin("capturemanager")
-        with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
-            if not reporter.isatty:
-                if finished:
-                    reporter.write_line(f"nsbox: downloaded {name} ({done / 1e6:.1f} MB)")
-                return
-            now = time.monotonic()
-            if not finished and done and now - self._last < 0.2:
-                return
-            self._last = now
-            size = f"{done / 1e6:.1f}/{total / 1e6:.1f} MB" if total else f"{done / 1e6:.1f} MB"
-            reporter.write(f"\rnsbox: downloading {name} {size}", flush=True)
-            if finished:
-                reporter.write("\n", flush=True)
-
-
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[Any]:
     report = yield
@@ -194,19 +164,32 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         return report  # (a run that made no sandbox loads nothing for its failures)
     from ..engine.sandbox import LIVE
     own = item.stash.get(_SANDBOXES, [])
-    # The test's own sandboxes, and those of module or session fixtures it ran commands in.
+    # The test's own sandboxes, those of module or session fixtures it ran commands in, and those
+    # it was handed (a session's server it only talked to through a published port).
+    handed = {id(value) for value in (getattr(item, "funcargs", None) or {}).values()}
     used = [(sb, 0.0) for sb in own if sb.history]
     used += [(sb, call.start) for sb in list(LIVE) if sb not in own
-             and any(record.started >= call.start for record in sb.history)]
+             and (id(sb) in handed or any(record.started >= call.start for record in sb.history))]
     if used:
-        from .report import describe, keep
+        from .report import describe
         kept = {}
         if item.config.stash[_OPTIONS].keep_on_failure:
-            where = item.config._tmp_path_factory.getbasetemp() / "nsbox-kept"  # type: ignore[attr-defined]
-            kept = {id(sb): keep(sb, where, f"{item.nodeid}-{number}")
-                    for number, (sb, _since) in enumerate(used, 1) if sb in own}
+            keeper = _keeper(item.config)
+            # A module's or session's sandbox too: its tree as this test left it.
+            kept = {id(sb): keeper.keep(sb, f"{item.nodeid}-{number}") for number, (sb, _since) in enumerate(used, 1)}
         report.sections.append((f"nsbox sandbox commands ({report.when})", describe(used, kept)))
     return report
+
+
+_KEEPER = pytest.StashKey[Any]()
+
+
+def _keeper(config: pytest.Config) -> Any:
+    from .report import Keeper
+    if _KEEPER not in config.stash:
+        where = config._tmp_path_factory.getbasetemp() / "nsbox-kept"  # type: ignore[attr-defined]
+        config.stash[_KEEPER] = Keeper(where, config.stash[_OPTIONS].keep_on_failure_max)
+    return config.stash[_KEEPER]
 
 
 #: What the marker takes: its own keywords, then those of `Sandbox(...)`.
@@ -302,6 +285,13 @@ def pytest_runtestloop(session: pytest.Session) -> Iterator[Any]:
             flush(session.config)
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """pytest-xdist, before a worker starts: hand it this run's id (see plugin/downloads.py)."""
+    from .downloads import WORKER_KEY, run_id
+    node.workerinput[WORKER_KEY] = run_id(node.config)
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     if config.stash.get(_ISOLATING, False):
         from ..isolate.protocol import finish
@@ -310,12 +300,14 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 class SandboxFactory:
     """Makes sandboxes for one test (keywords as for `Sandbox`, over the test's marker keywords);
-    closes them all after it."""
+    closes them all after it.  For a module or the session, `item` is that node: its markers
+    (a module's `pytestmark`) configure the sandboxes, which are closed after its last test."""
 
-    def __init__(self, config: pytest.Config, item: pytest.Item):
+    def __init__(self, config: pytest.Config, item: pytest.Node):
         self._config = config
         self._options = config.stash[_OPTIONS]
         self._item = item
+        self._label = item.nodeid or "shared_sandbox_factory"  # (the session's nodeid is "")
         self._marked = marker_settings(item)
         self.sandboxes: list[Sandbox] = item.stash.setdefault(_SANDBOXES, [])
 
@@ -341,9 +333,9 @@ class SandboxFactory:
         from ..engine import client
         from ..engine.sandbox import Sandbox
         from ..rootfs.store import Rootfs
-        settings = with_profile(self._config, settings, self._item.nodeid)
+        settings = with_profile(self._config, settings, self._label)
         resolved = SandboxSettings.from_kwargs(settings, defaults=_defaults(self._config),
-                                               source=self._item.nodeid, also_allowed=("profile",))
+                                               source=self._label, also_allowed=("profile",))
         probe = client.probe(resolved.network)
         if not probe.ok:
             raise SandboxUnavailable(f"this machine cannot make sandboxes: {probe.error}")
@@ -379,6 +371,36 @@ def sandbox_factory(request: pytest.FixtureRequest) -> Iterator[SandboxFactory]:
 def sandbox(sandbox_factory: SandboxFactory) -> Sandbox:
     """A fresh sandbox for this test, configured by its `@pytest.mark.sandbox(...)` keywords."""
     return sandbox_factory()
+
+
+@pytest.fixture(scope="session")
+def shared_sandbox_factory(request: pytest.FixtureRequest) -> Iterator[SandboxFactory]:
+    """Make sandboxes in a fixture of any scope, closed at the end of the session (or by their
+    `close()`): `shared_sandbox_factory(rootfs=..., network="host")` in a session fixture that
+    starts a server.  Keywords as for `sandbox_factory`; no marker applies."""
+    factory = SandboxFactory(request.config, request.session)
+    try:
+        yield factory
+    finally:
+        factory.close()
+
+
+@pytest.fixture(scope="module")
+def module_sandbox(request: pytest.FixtureRequest) -> Iterator[Sandbox]:
+    """One sandbox for every test of the module that asks for it, configured by the module's
+    `pytestmark = pytest.mark.sandbox(...)`; closed after the module's last test."""
+    factory = SandboxFactory(request.config, request.node)
+    try:
+        yield factory()
+    finally:
+        factory.close()
+
+
+@pytest.fixture(scope="session")
+def session_sandbox(shared_sandbox_factory: SandboxFactory) -> Sandbox:
+    """One sandbox for the whole session (each xdist worker has its own), with the run-wide
+    settings (--nsbox-rootfs, --nsbox-profile, ...)."""
+    return shared_sandbox_factory()
 
 
 @pytest.fixture(scope="session")

@@ -19,10 +19,12 @@ from ..errors import NsboxError
 from ..settings import DEFAULT_PIDS_MAX, SandboxSettings, parse_size
 
 UNAVAILABLE_CHOICES = ("fail", "skip")
+#: What --nsbox-keep-on-failure may keep per test process: a few hundred Alpine trees, not a full disk.
+KEEP_ON_FAILURE_MAX = 1 << 30
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 # A rootfs written like these is a spec, not a path (see pytest_nsbox.rootfs.specs).
-_SPEC_WORDS = re.compile(r"^(alpine([:@].*)?|host|[a-z]+://.*)$")
+_SPEC_WORDS = re.compile(r"^(alpine([:@].*)?|host|[a-z]+://.*|(oci|oci-archive|docker-archive):.*)$")
 
 
 class Option(NamedTuple):
@@ -52,6 +54,8 @@ OPTIONS = (
     Option("alpine_mirror", "Alpine mirror to download from (default "
            "https://dl-cdn.alpinelinux.org/alpine)", "URL"),
     Option("offline", "never download: use the rootfs cache only"),
+    Option("download_timeout", "seconds a rootfs download may wait for the server: to connect, and for "
+           "each read (default 30); a download that fails is tried once per run", "SECONDS"),
     Option("cache_dir", "where root filesystems are kept (default $XDG_CACHE_HOME/pytest-nsbox)", "DIR"),
     Option("pids_max", f"default cap on a sandbox's processes, or 'none' (default {DEFAULT_PIDS_MAX})", "N"),
     Option("memory_max", "default memory cap of a sandbox, e.g. 256M", "SIZE"),
@@ -63,6 +67,8 @@ OPTIONS = (
            "(markers' keywords and profile= win)", "NAME"),
     Option("keep_on_failure", "keep a failed test's sandbox filesystem as a tarball in the basetemp, "
            "for the `nsbox shell` line of its report"),
+    Option("keep_on_failure_max", "the most the tarballs kept by --nsbox-keep-on-failure may take in one "
+           "test process (default 1G); failures past it say they were not kept", "SIZE"),
     Option("isolate", "run every test in a sandbox of its own (docs/isolate.md)"),
     Option("isolate_writable", "a path isolated tests may write, besides pytest's basetemp "
            "(repeatable; ini: one per line; env: separated by ':')", "PATH"),
@@ -151,12 +157,14 @@ class RunOptions(NamedTuple):
     unavailable: str
     mirror: str | None
     offline: bool
+    download_timeout: float | None  # None: NSBOX_DOWNLOAD_TIMEOUT's or 30 s (see rootfs/store.py)
     pids_max: int | None
     memory_max: int | None
     timeout: float | None
     require_caps: bool
     profile: str | None
     keep_on_failure: bool
+    keep_on_failure_max: int
     isolate: bool
     isolate_writable: tuple[str, ...]
 
@@ -172,12 +180,14 @@ class RunOptions(NamedTuple):
                    unavailable=unavailable or "fail",
                    mirror=read.get("alpine_mirror")[0],
                    offline=read.flag("offline"),
+                   download_timeout=_seconds(*read.get("download_timeout")),
                    pids_max=_pids_max(*read.get("pids_max")),
                    memory_max=_size(*read.get("memory_max")),
                    timeout=_seconds(*read.get("timeout")),
                    require_caps=read.flag("require_caps"),
                    profile=read.get("profile")[0],
                    keep_on_failure=read.flag("keep_on_failure"),
+                   keep_on_failure_max=_size(*read.get("keep_on_failure_max"), KEEP_ON_FAILURE_MAX),
                    isolate=read.flag("isolate"),
                    isolate_writable=read.paths("isolate_writable"))
 
@@ -203,9 +213,9 @@ def _pids_max(value: str | None, where: str) -> int | None:
     return int(word)
 
 
-def _size(value: str | None, where: str) -> int | None:
+def _size(value: str | None, where: str, default: int | None = None) -> int | None:
     if value is None:
-        return None
+        return default
     try:
         return parse_size(value)
     except ValueError as exc:
