@@ -199,16 +199,26 @@ def anchored(keywords: Mapping[str, Any], base: str | os.PathLike[str]) -> dict[
     return result
 
 
+#: Image specs that name a local path after their transport (see rootfs/specs.py).
+_PATH_TRANSPORTS = ("oci-archive:", "docker-archive:", "oci:")
+
+
 def is_path_spec(spec: str) -> bool:
     """Whether a rootfs string is a path rather than one of the spec words (see rootfs/specs.py)."""
     text = spec.strip()
-    return not (text in ("alpine", "host") or text.startswith(("alpine:", "alpine@"))
+    return not (text in ("alpine", "host") or text.startswith(("alpine:", "alpine@", *_PATH_TRANSPORTS))
                 or re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", text))
 
 
 def _anchored_spec(spec: Any, base: str | os.PathLike[str]) -> Any:
     if isinstance(spec, os.PathLike) or (isinstance(spec, str) and spec.strip() and is_path_spec(spec)):
         return _anchored_path(spec, base)
+    if isinstance(spec, str):
+        transport = next((t for t in _PATH_TRANSPORTS if spec.strip().startswith(t)), None)
+        if transport is not None:  # oci:DIR[:REF]: the path is anchored as any other
+            rest = spec.strip()[len(transport):]
+            if rest and not os.path.isabs(os.path.expanduser(rest)):
+                return transport + os.fspath(_anchored_path(rest, base))
     return spec  # a spec word, a resolved Rootfs, or a bad value that validation names
 
 

@@ -76,6 +76,9 @@ def project(pytester, alpine_tarball):
     tool.write_text('#!/bin/sh\n[ "$1" = --check ] && grep -q answer "$2"\n')
     tool.chmod(0o755)
     (pytester.path / "tests" / "data").mkdir()
+    from .images import alpine_layer, app_layers, oci_layout
+    oci_layout(pytester.path / "images" / "app", [alpine_layer(alpine_tarball), *app_layers()],
+               entrypoint=("hello",), cmd=())  # docs/images.md's oci:images/app:latest
     return pytester
 
 

@@ -15,6 +15,7 @@ sandbox again.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import select
 import signal
@@ -121,12 +122,13 @@ def run(args: argparse.Namespace) -> int:
     from ..engine.sandbox import Sandbox
     from ..errors import ConfigError
     argv = _command(args.argv)
-    if not argv:
-        raise ConfigError("nsbox run needs a command: nsbox run [OPTIONS] -- CMD [ARGS...]")
     with Sandbox(**sandbox_keywords(args)) as box:
+        if not argv and not (box.rootfs and box.rootfs.image and box.rootfs.image.command):
+            raise ConfigError("nsbox run needs a command: nsbox run [OPTIONS] -- CMD [ARGS...] (only an "
+                              "image that has an Entrypoint or Cmd runs without one)")
         started = time.monotonic()
         try:
-            process = box.spawn(argv, stdin=sys.stdin, stdout=sys.stdout, stderr=sys.stderr, shell=False)
+            process = box.spawn(argv or None, stdin=sys.stdin, stdout=sys.stdout, stderr=sys.stderr, shell=False)
         except OSError as exc:
             return _not_started(box, exc)
         with _forwarding_signals(process):
@@ -176,12 +178,11 @@ def _not_started(box: Any, exc: OSError) -> int:
     """The exit status, and one line, for a command that could not be started."""
     from ..errors import ConfigError
     cwd = box.settings.cwd
-    # The engine's sentence (engine/init.py, _exec_failure) says which step failed: "chdir DIR: ..."
-    # when the directory is the problem, "exec PROGRAM: ..." when the program is.
-    _, chdir, why = (exc.strerror or "").partition(f"chdir {cwd}: ")
-    if chdir:
-        raise ConfigError(f"--cwd {cwd}: cannot change into it in the sandbox: {why}; give a directory that "
-                          "exists in the rootfs, or bind one there with --bind") from None
+    # The engine marks a failure of the working directory, not the program (engine/sandbox.py).
+    if getattr(exc, "nsbox_step", None) == "chdir":
+        why = errno.errorcode.get(exc.errno or 0, "?")
+        raise ConfigError(f"--cwd {cwd}: cannot change into it in the sandbox: {why} ({os.strerror(exc.errno or 0)}); "
+                          "give a directory that exists in the rootfs, or bind one there with --bind") from None
     if exc.filename is None:  # not the program's fault: the sandbox failed to start it
         print(f"nsbox: cannot start the command in the sandbox: {exc}", file=sys.stderr)
         return SETUP_FAILED

@@ -136,12 +136,14 @@ class Sandbox:
                                                                         self.settings.cache_dir)
         self.layers = [layer if isinstance(layer, Rootfs) else resolve(layer, self.settings.cache_dir, layer=True)
                        for layer in self.settings.layers]
+        if self.rootfs.image is not None:
+            _warn_of_users(self.rootfs)
         if self.layers and self.rootfs.host:
             raise ConfigError("the 'host' rootfs takes no layers: it is the host's tree, read-only, "
                               "not an overlay")
         spec = {
             "tree": str(self.rootfs.tree),
-            "layers": [str(layer.tree) for layer in self.layers],
+            "layers": [*map(str, self.rootfs.lowers), *(str(layer.tree) for layer in self.layers)],
             "host_root": self.rootfs.host,
             "network": self.settings.network,
             "hostname": self.settings.hostname,
@@ -233,15 +235,18 @@ class Sandbox:
         return self._channel is None
 
     # -- servers --------------------------------------------------------------------------------
-    def port(self, port: int, *, max_connections: int | None = None) -> PublishedPort:
+    def port(self, port: int | None = None, *, max_connections: int | None = None) -> PublishedPort:
         """Publish the sandbox's TCP `port` on the host: `(host, port)` on 127.0.0.1, a port the
         kernel picks (no clash between xdist workers), forwarded to whatever listens on the
         sandbox's own 127.0.0.1:`port`, now or later. With network="host" it is the port itself.
+        Over an image, `port` defaults to the first of its ExposedPorts.
 
         At most `max_connections` (default services.MAX_CONNECTIONS, 64) are relayed at once; one
         more is closed at once, and close() warns once of how many were. Given again, the limit
         of a port already published changes."""
         __tracebackhide__ = True
+        if port is None:
+            port = self._exposed_port()
         _check_port(port)
         if max_connections is not None:
             _check_max_connections(max_connections)
@@ -255,21 +260,61 @@ class Sandbox:
             self._ports[port].slots.limit = max_connections
         return self._ports[port].published
 
+    # Every wait_* takes timeout= (seconds, default 10) and process= (the server: if it exits, the
+    # wait fails at once, with the end of its output), and raises ServerNotReady, a TimeoutError.
     def wait_for_port(self, port: int, timeout: float = 10.0, process: SandboxProcess | None = None) -> PublishedPort:
         """Wait until something in the sandbox accepts connections on `port`; its published address.
-        TimeoutError if not within `timeout`, at once if `process` (the server) exits first."""
+        ServerNotReady (a TimeoutError) if not within `timeout`, at once if `process` (the server)
+        exits first."""
         __tracebackhide__ = True
         _check_port(port)
-        _check_timeout(timeout)
-
-        def gone() -> str | None:
-            self._live_channel()  # a closed or expired sandbox: SandboxClosed, now
-            if process is not None and process.poll() is not None:
-                return f"its server `{_shell_form(process.args)}` exited with status {process.returncode}"
-            return None
+        server = self._server("wait_for_port", timeout, process)
         inner = socket.socket if self.settings.network == "host" else self._inner_socket
-        services.wait_until_connectable(inner, port, timeout, gone)
+        services.wait_until_connectable(inner, port, timeout, server)
         return self.port(port)
+
+    def wait_until(self, predicate: Any, timeout: float = 10.0, interval: float = 0.1,
+                   process: SandboxProcess | None = None) -> Any:
+        """Call `predicate()` here on the host every `interval` s until it returns something true,
+        and return that (a client, a row...). An exception it raises counts as "not yet".
+        ServerNotReady naming the predicate and its last result or exception if not within
+        `timeout`, at once if `process` (the server) exits first."""
+        __tracebackhide__ = True
+        if not callable(predicate):
+            raise ConfigError(f"wait_until takes a callable to call until it returns something true, not "
+                              f"{predicate!r} (wrap a check in a function or a lambda)")
+        services.check_wait("wait_until", timeout, interval)
+        return services.wait_until(predicate, timeout, interval, self._server("wait_until", timeout, process))
+
+    def wait_for_http(self, port: int, path: str = "/", status: Any = 200, timeout: float = 10.0,
+                      process: SandboxProcess | None = None) -> PublishedPort:
+        """Wait until a GET of `path` on the sandbox's `port`, through its published address, answers
+        with `status`: a code, several (`(200, 204)`), or a callable taking the code and saying
+        whether it means ready. Redirects are followed; no proxy is used. Returns the published
+        address, as wait_for_port does; ServerNotReady with the last status or error if not within
+        `timeout`, at once if `process` (the server) exits first."""
+        __tracebackhide__ = True
+        _check_port(port)
+        if not isinstance(path, str) or not path.startswith("/") or not path.isascii() or \
+                re.search(r"[\s\x00-\x1f\x7f]", path):
+            raise ConfigError(f"wait_for_http(path={path!r}): a path must start with '/' and hold no "
+                              "spaces, control or non-ASCII characters (quote them: urllib.parse.quote)")
+        accept = services.http_status(status)
+        server = self._server("wait_for_http", timeout, process)
+        published = self.port(port)
+        where = f"port {port} on the host's network" if self.settings.network == "host" else \
+            f"the sandbox's port {port}"
+        services.wait_for_http(published.url(path=path), where, accept, timeout, server)
+        return published
+
+    def _server(self, what: str, timeout: object, process: object) -> services.Server:
+        """What a wait checks between attempts: this sandbox, alive, and its server, running."""
+        __tracebackhide__ = True
+        services.check_wait(what, timeout)
+        if process is not None and not isinstance(process, SandboxProcess):
+            raise ConfigError(f"{what}(process={process!r}): process is the server, as spawn() returned it")
+        self._live_channel()
+        return services.Server(self._live_channel, process)
 
     def _inner_socket(self) -> socket.socket:
         """A TCP socket made by init in the sandbox's network namespace."""
@@ -322,10 +367,27 @@ class Sandbox:
         return (f"its init (pid {self.init_pid}) was killed from outside the sandbox "
                 "(nothing inside may signal it)")
 
+    def _exposed_port(self) -> int:
+        image = self.rootfs.image if self.rootfs else None
+        if image is None or not image.exposed_ports:
+            what = "its image exposes no TCP port" if image else "it is no image"
+            raise ConfigError(f"port() needs a port number here: {what}")
+        return image.exposed_ports[0]
+
+    def _image_command(self) -> list[str]:
+        """What the image runs when it is given no command (`docker run IMAGE`)."""
+        image = self.rootfs.image if self.rootfs else None
+        if image is None:
+            raise ConfigError("a command is needed: only a sandbox over an image has one of its own")
+        if not image.command:
+            raise ConfigError(f"the image {self.rootfs.spec} has no Entrypoint or Cmd: give a command")  # type: ignore[union-attr]
+        return image.command
+
     # -- commands ---------------------------------------------------------------------------
-    def spawn(self, args: Command, *, stdin: Any = None, stdout: Any = None, stderr: Any = None,
+    def spawn(self, args: Command | None = None, *, stdin: Any = None, stdout: Any = None, stderr: Any = None,
               env: Mapping[str, str] | None = None, cwd: str | None = None,
-              text: bool = True, shell: bool | None = None, tty: bool = False) -> SandboxProcess:
+              text: bool = True, shell: bool | None = None, tty: bool = False,
+              errors: str = "replace") -> SandboxProcess:
         """Start a command and return at once, like `subprocess.Popen`.
 
         stdin/stdout/stderr take None (stdin: /dev/null; stdout/stderr: this process's own, so
@@ -333,22 +395,29 @@ class Sandbox:
         runs through `/bin/sh -c` unless `shell=False`; `shell=True` with a list runs its first item
         through the shell with the rest as arguments, as in `subprocess`.  `tty=True` makes stdin,
         which must be a terminal (the slave of `openpty()`), the command's controlling
-        terminal: job control and ^C work as in a login shell (`nsbox shell` does this).
+        terminal: job control and ^C work as in a login shell (`nsbox shell` does this).  With
+        `text`, output is decoded as UTF-8 with `errors` ("replace": undecodable bytes become U+FFFD;
+        "strict", "surrogateescape", ... as in `subprocess`); `text=False` gives bytes.  Over an
+        image, no `args` runs the image's own command (its Entrypoint and Cmd).
         """
         __tracebackhide__ = True
         self._live_channel()
-        return self._start(args, _argv(args, shell), stdin, stdout, stderr, env, cwd, text, tty)
+        _check_errors(errors)
+        if args is None:
+            args = self._image_command()
+        return self._start(args, _argv(args, shell), stdin, stdout, stderr, env, cwd, text, tty,
+                           errors=errors)
 
     def _start(self, args: Command, argv: list[str], stdin: Any, stdout: Any, stderr: Any,
                env: Mapping[str, str] | None, cwd: str | None, text: bool, tty: bool,
-               transfer: list[Any] | None = None) -> SandboxProcess:
+               transfer: list[Any] | None = None, errors: str = "replace") -> SandboxProcess:
         """Start a command — or, with `transfer`, our own file transfer (transfer.py)."""
         __tracebackhide__ = True
         channel = self._live_channel()
         streams = Streams.make(stdin, stdout, stderr)
         request_id = channel.next_id()
         message = {"op": "exec", "id": request_id, "argv": argv, "env": self._env(env),
-                   "cwd": cwd or self.settings.cwd, "stdio": streams.layout(), "tty": bool(tty)}
+                   "cwd": cwd or self._cwd(), "stdio": streams.layout(), "tty": bool(tty)}
         if transfer is not None:
             message["transfer"] = transfer
         try:
@@ -367,18 +436,19 @@ class Sandbox:
             if reply.get("expired"):
                 channel.expired = True
                 self._live_channel()  # raises SandboxClosed, naming the lifetime
-            raise _exec_error(reply.get("errno", 0), reply["error"], argv)
+            raise _exec_error(reply.get("errno", 0), reply["error"], argv,
+                              message["cwd"] if reply.get("step") == "chdir" else None)
         record = CommandRecord(args)
         self.history.append(record)
-        process = SandboxProcess(self, channel, reply["pid"], args, streams, text, record)
+        process = SandboxProcess(self, channel, reply["pid"], args, streams, text, record, errors)
         self._processes.append(process)
         return process
 
-    def run(self, args: Command, *, input: str | bytes | None = None,
+    def run(self, args: Command | None = None, *, input: str | bytes | None = None,
             env: Mapping[str, str] | None = None, cwd: str | None = None,
             timeout: float | None = None, check: bool = False, text: bool = True,
             capture_output: bool = True, shell: bool | None = None,
-            output_max: int | str | None = _UNSET) -> subprocess.CompletedProcess:
+            output_max: int | str | None = _UNSET, errors: str = "replace") -> subprocess.CompletedProcess:
         """Run a command to completion, like `subprocess.run(..., capture_output=True)`.
 
         A `str` runs through `/bin/sh -c` (see `spawn` for `shell`).  On timeout every process the
@@ -386,14 +456,17 @@ class Sandbox:
         `CalledProcessError`.  Of each of stdout and stderr, the first `output_max` bytes are kept
         (default: the sandbox's setting, 64 MiB); the rest is read and dropped, and a line saying
         how much ends the text.  `capture_output=False` leaves them to this process's own.
+        `errors` says what becomes of bytes that are not UTF-8 (see `spawn`).
         """
         __tracebackhide__ = True
         limit = self.settings.output_max if output_max is _UNSET else _output_max(output_max)
+        if args is None:
+            args = self._image_command()
         _check_timeout(timeout)
         before = self._cgroup.stats() if self._cgroup else {}
         captured = PIPE if capture_output else None
         process = self.spawn(args, stdin=PIPE if input is not None else None, stdout=captured,
-                             stderr=captured, env=env, cwd=cwd, text=text, shell=shell)
+                             stderr=captured, env=env, cwd=cwd, text=text, shell=shell, errors=errors)
         effective = self._effective_timeout(timeout)
         try:
             stdout, stderr = process._communicate(input, effective, limit)
@@ -412,8 +485,9 @@ class Sandbox:
             # Init's kill at the end of the lifetime came just before our own deadline: the same end.
             raise subprocess.TimeoutExpired(args, self.settings.timeout, output=stdout, stderr=stderr)
         result = subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
-        if check:
-            result.check_returncode()
+        if check and process.returncode:
+            # Raised here, not by check_returncode: the report shows the test's line, not subprocess's.
+            raise subprocess.CalledProcessError(process.returncode, args, stdout, stderr)
         return result
 
     def _note_exit(self, process: SandboxProcess, before: dict[str, int], reason: str | None,
@@ -447,11 +521,20 @@ class Sandbox:
         remaining = max(0.0, self._deadline - time.monotonic())
         return remaining if timeout is None else min(timeout, remaining)
 
+    def _cwd(self) -> str:
+        """The settings' cwd; over an image whose WorkingDir is set, that, unless cwd was given."""
+        image = self.rootfs.image if self.rootfs else None
+        if image is not None and image.working_dir and self.settings.cwd == "/":
+            return image.working_dir
+        return self.settings.cwd
+
     def _env(self, extra: Mapping[str, str] | None) -> dict[str, str]:
-        env = {**BASE_ENV, **self.settings.env, **(extra or {})}
-        bad = [k for k, v in env.items() if not isinstance(k, str) or not isinstance(v, str) or "=" in k]
+        image = dict(self.rootfs.image.env) if self.rootfs and self.rootfs.image else {}
+        env = {**BASE_ENV, **image, **self.settings.env, **(extra or {})}
+        bad = [k for k, v in env.items() if not isinstance(k, str) or not isinstance(v, str) or "=" in k or not k]
         if bad:
-            raise ConfigError(f"environment names must be str without '=' and values str: {bad!r}")
+            raise ConfigError(f"bad environment for the sandbox: {', '.join(map(repr, bad))}; a name is a "
+                              "non-empty str without '=', and a value is a str")
         if any("\0" in k or "\0" in v for k, v in env.items()):
             raise ValueError("embedded null byte")  # as subprocess says
         return env
@@ -580,6 +663,31 @@ def _argv(args: Command, shell: bool | None = None) -> list[str]:
     return argv
 
 
+_WARNED_USERS: set[str] = set()
+
+
+def _warn_of_users(rootfs: Rootfs) -> None:
+    """Say, once per image, that an image made to run as another user runs as root here."""
+    user = rootfs.image.user if rootfs.image else ""
+    if user in ("", "0", "root", "0:0", "root:root") or rootfs.spec in _WARNED_USERS:
+        return
+    _WARNED_USERS.add(rootfs.spec)
+    warnings.warn(NsboxWarning(
+        f"nsbox: the image {rootfs.spec} runs as user {user!r}, but a sandbox maps one uid: its commands "
+        "run as root (uid 0) and every file of the image is root's. Programs that switch users themselves "
+        "(setuid, gosu, su-exec, postgres's initdb) fail; mapping an image's many uids (/etc/subuid ranges "
+        "through newuidmap) is not supported yet"), stacklevel=3)
+
+
+def _check_errors(errors: object) -> None:
+    import codecs
+    try:
+        codecs.lookup_error(errors)  # type: ignore[arg-type]
+    except (LookupError, TypeError):
+        raise ConfigError(f"errors={errors!r}: not a codec error handler; use 'replace' (the default), "
+                          "'strict', 'surrogateescape', 'backslashreplace' or 'ignore'") from None
+
+
 def _check_port(port: object) -> None:
     if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
         raise ConfigError(f"a port is a number from 1 to 65535, not {port!r}")
@@ -607,8 +715,16 @@ def _shell_form(args: Command) -> str:
     return args if isinstance(args, str) else shlex.join(os.fspath(a) for a in args)
 
 
-def _exec_error(code: int, text: str, argv: list[str]) -> OSError:
-    """A failed exec becomes the same exception subprocess would raise (FileNotFoundError...)."""
+def _exec_error(code: int, text: str, argv: list[str], cwd: str | None = None) -> OSError:
+    """A failed exec becomes the same exception subprocess would raise (FileNotFoundError...),
+    naming the working directory when that is what failed, as subprocess does."""
+    if code and cwd is not None:
+        why = {errno.ENOENT: "does not exist", errno.ENOTDIR: "is not a directory"}.get(
+            code, f"cannot be entered: {errno.errorcode.get(code, code)}")
+        exc = OSError(code, f"{os.strerror(code)} in the sandbox: the working directory (cwd) {cwd} {why}; "
+                      "give one that exists in the rootfs, or make it first", cwd)
+        exc.nsbox_step = "chdir"  # type: ignore[attr-defined]  # `nsbox run --cwd` words it its own way
+        return exc
     if code:
         return OSError(code, f"{os.strerror(code)} in the sandbox: {text}", argv[0])
     return SandboxSetupError(f"cannot start {argv!r} in the sandbox: {text}")
@@ -629,7 +745,10 @@ def _transfer_error(verb: str, path: str, returncode: int, stderr: bytes) -> OSE
                        "(something in the sandbox signalled it?); try again", path)
     code = int(head)
     name = errno.errorcode.get(code, str(code))
-    if code == errno.ENOENT:
+    kernel_fs = next((top for top in ("/proc", "/sys") if path == top or path.startswith(top + "/")), None)
+    if code == errno.ENOENT and verb == "write" and kernel_fs:
+        what = f"{kernel_fs} is the kernel's own filesystem, where no file can be made"
+    elif code == errno.ENOENT:
         what = "it does not exist" if verb == "read" else "it is in a directory that does not exist, " \
                "or one where no file can be made"
     elif code == errno.EISDIR:

@@ -46,7 +46,8 @@ def save(box: Sandbox, target: Path) -> Path:
     where = f"cannot save the sandbox's filesystem to {target}"
     if target.name in ("", ".", ".."):
         raise RootfsError(f"{where}: that is a directory, not a file name; name the tarball")
-    most = most_bytes([box.rootfs.tree, *(layer.tree for layer in box.layers)], box.limits.tmpfs_size or 0)
+    most = most_bytes([box.rootfs.tree, *box.rootfs.lowers, *(layer.tree for layer in box.layers)],
+                      box.limits.tmpfs_size or 0)
     try:
         directory = open_directory(str(target.parent))
     except OSError as exc:

@@ -22,6 +22,11 @@ through a symlink is refused, in the first pass already), the /bin/sh check reso
 the tree's root, and removal and Sandbox.save's sizing never follow one. Files are owned by the
 calling user; setuid and setgid bits are dropped.
 
+An image layer (`oci=True`) is extracted as overlayfs lays layers: `.wh.NAME` becomes a whiteout
+(a 0/0 character device, which the kernel lets anyone make) hiding NAME in the layers below, and
+`.wh..wh..opq` marks its directory opaque (`user.overlay.opaque`, as overlayfs reads it in a user
+namespace); device nodes and FIFOs are skipped (the sandbox's /dev is its own), not refused.
+
 Modes are kept as the archive has them (Alpine's /tmp and /var/tmp are 1777, which a non-root user
 inside the sandbox relies on; overlayfs copy-up keeps the lower layer's mode), except the tree's own
 root, which never gets group or other write: the tree lives in the cache's private `trees/`
@@ -99,8 +104,14 @@ def human_size(n: int) -> str:
     return f"{n} bytes"
 
 
-def extract(archive: Path, dest: Path, source: str | None = None, limits: Limits | None = None) -> int:
-    """Extract `archive` into the empty directory `dest`, never following a link on the host.
+WHITEOUT = ".wh."
+OPAQUE = ".wh..wh..opq"
+
+
+def extract(archive: Path, dest: Path, source: str | None = None, limits: Limits | None = None,
+            oci: bool = False) -> int:
+    """Extract `archive` into the empty directory `dest`, never following a link on the host;
+    with `oci`, as an image layer (whiteouts, opaque directories: see above).
 
     `source` is how errors name the archive (the user's path or URL, not a temp file's name).
     Returns the bytes it was counted at against `limits.max_bytes`: about what it takes on disk.
@@ -109,8 +120,8 @@ def extract(archive: Path, dest: Path, source: str | None = None, limits: Limits
     source = source or str(archive)
     limits = limits or Limits.from_env()
     try:
-        total = _survey(archive, source, limits)
-        _write(archive, dest, source, limits)
+        total = _survey(archive, source, limits, oci)
+        _write(archive, dest, source, limits, oci)
     except ArchiveLimitError:
         raise
     except UnsafeArchiveError as exc:
@@ -233,7 +244,7 @@ def _members(archive: Path, source: str, limits: Limits) -> Iterator[tuple[tarfi
         reader.close()
 
 
-def _survey(archive: Path, source: str, limits: Limits) -> int:
+def _survey(archive: Path, source: str, limits: Limits, oci: bool = False) -> int:
     """Check every header against the rules and the limits; returns the bytes counted."""
     members = total = 0
     links = _Links()
@@ -255,7 +266,9 @@ def _survey(archive: Path, source: str, limits: Limits) -> int:
                     f"{source}: member {_shown(member.name)} is deeper than {limits.max_depth} "
                     f"directories; if it is a genuine root filesystem, raise the limit: "
                     f"NSBOX_ROOTFS_MAX_DEPTH={max(deepest, limits.max_depth * 2)}")
-            if parts:
+            if parts and oci and _layer_only(member, parts):
+                pass  # a whiteout or a skipped node: nothing a link could reach
+            elif parts:
                 _check_member(member, parts)
                 links.add(member, parts)
             # A sparse member counts at its real size; the parents it needs that no member made, a
@@ -308,7 +321,39 @@ def _shown(name: str) -> str:
     return repr(name) if len(name) <= 100 else repr(f"{name[:60]}...{name[-30:]}")
 
 
-def _write(archive: Path, dest: Path, source: str, limits: Limits) -> None:
+def _layer_only(member: tarfile.TarInfo, parts: tuple[str, ...]) -> bool:
+    """Whether an image layer's member is one of its own kinds (a whiteout, the opaque marker) or
+    one it skips (a device node, a FIFO); a whiteout must name an entry, and hide only it."""
+    name = parts[-1]
+    if member.isdev() or member.isfifo():
+        return True
+    if not name.startswith(WHITEOUT):
+        return False
+    hidden = name[len(WHITEOUT):]
+    if name != OPAQUE and (not hidden or hidden in (".", "..") or hidden.startswith(WHITEOUT)):
+        if hidden.startswith(".wh."):
+            return True  # aufs's own bookkeeping (.wh..wh.plnk, ...): no meaning to overlayfs
+        raise UnsafeArchiveError(f"archive member {_shown(member.name)} is a whiteout of nothing")
+    return True
+
+
+def _write_layer_only(member: tarfile.TarInfo, parts: tuple[str, ...], root_fd: int) -> None:
+    name = parts[-1]
+    if member.isdev() or member.isfifo() or (name.startswith(WHITEOUT + WHITEOUT) and name != OPAQUE):
+        return
+    parent = _walk(root_fd, parts[:-1], member.name, create=True)
+    try:
+        if name == OPAQUE:
+            os.setxattr(parent, "user.overlay.opaque", b"y")
+            return
+        hidden = name[len(WHITEOUT):]
+        _unlink_existing(hidden, parent)
+        os.mknod(hidden, stat.S_IFCHR | 0o600, os.makedev(0, 0), dir_fd=parent)
+    finally:
+        os.close(parent)
+
+
+def _write(archive: Path, dest: Path, source: str, limits: Limits, oci: bool = False) -> None:
     root_fd = os.open(dest, _O_DIR)
     root_mode = 0o755
     dir_modes: list[tuple[tuple[str, ...], int]] = []
@@ -321,6 +366,9 @@ def _write(archive: Path, dest: Path, source: str, limits: Limits) -> None:
                 if not parts:
                     if member.isdir():
                         root_mode = member.mode & 0o755
+                    continue
+                if oci and _layer_only(member, parts):
+                    _write_layer_only(member, parts, root_fd)
                     continue
                 _extract_member(tar, member, parts, root_fd, dir_modes)
         # Directories get their real modes last, so that a read-only one could still be filled.

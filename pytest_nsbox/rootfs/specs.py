@@ -7,6 +7,10 @@
     https://host/x.tar.gz#sha256=HEX   any tarball, pinned by its digest
     /path/to/tree | /path/to/x.tar.gz  a local directory or tarball
     host                           the host's own filesystem, read-only, with a private /tmp
+    docker://[REGISTRY/]NAME[:TAG][@sha256:HEX]   an image in a registry (Docker Hub by default)
+    oci:DIR[:REF]                  an image in an OCI image layout (REF: a tag in its index)
+    oci-archive:FILE[:REF]         the same, as a tarball
+    docker-archive:FILE[:REF]      what `docker save` writes (REF: one of its repo tags)
 """
 
 from __future__ import annotations
@@ -20,7 +24,14 @@ from ..errors import ConfigError
 from .archive import ARCHIVE_SUFFIXES
 
 FORMS = ("alpine", "alpine:X.Y", "alpine:X.Y.Z", "alpine:X.Y.Z@sha256:HEX", "https://URL#sha256=HEX",
-         "a local directory", f"a local tarball ({', '.join(ARCHIVE_SUFFIXES)})", "host")
+         "a local directory", f"a local tarball ({', '.join(ARCHIVE_SUFFIXES)})", "host",
+         "docker://[REGISTRY/]NAME[:TAG][@sha256:HEX]", "oci:DIR[:REF]", "oci-archive:FILE[:REF]",
+         "docker-archive:FILE[:REF]")
+#: The image transports of a spec, named as skopeo and podman name them; `path` forms first.
+PATH_TRANSPORTS = ("oci-archive", "docker-archive", "oci")
+DOCKER_HUB = "docker.io"  # as references name it; its API is at registry-1.docker.io
+_NAME_COMPONENT = re.compile(r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*")
+_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 
 _VERSION = re.compile(r"\d+\.\d+(?:\.\d+)?")
 _HEX = re.compile(r"[0-9a-fA-F]{64}")
@@ -59,7 +70,26 @@ class HostSpec(NamedTuple):
         return "host"
 
 
-RootfsSpec = Union[AlpineSpec, UrlSpec, PathSpec, HostSpec]
+class ImageSpec(NamedTuple):
+    """An OCI/Docker image: in a registry (`transport` "docker": `registry`, `name`, `tag`,
+    `digest`) or in a local layout or archive (`path`, and `tag` picks one of several)."""
+
+    transport: str
+    registry: str | None = None   # "docker.io", "127.0.0.1:5000"
+    name: str | None = None       # "library/redis"
+    tag: str | None = None
+    digest: str | None = None     # "sha256:HEX"
+    path: Path | None = None
+
+    def __str__(self) -> str:
+        if self.transport == "docker":
+            text = f"docker://{self.registry}/{self.name}"
+            text += f":{self.tag}" if self.tag else ""
+            return text + (f"@{self.digest}" if self.digest else "")
+        return f"{self.transport}:{self.path}" + (f":{self.tag}" if self.tag else "")
+
+
+RootfsSpec = Union[AlpineSpec, UrlSpec, PathSpec, HostSpec, ImageSpec]
 
 
 def parse(spec: str | os.PathLike[str], kind: str = "rootfs") -> RootfsSpec:
@@ -86,6 +116,11 @@ def _parse(spec: str | os.PathLike[str]) -> RootfsSpec:
         return HostSpec()
     if text == "alpine" or text.startswith(("alpine:", "alpine@")):
         return _alpine_spec(spec, text)
+    if text.startswith("docker://"):
+        return _docker_spec(spec, text[len("docker://"):])
+    transport = next((t for t in PATH_TRANSPORTS if text.startswith(t + ":")), None)
+    if transport is not None:
+        return _local_image_spec(spec, transport, text[len(transport) + 1:])
     if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", text):
         return _url_spec(spec, text)
     return _path_spec(text)
@@ -115,6 +150,58 @@ def _url_spec(spec: str, text: str) -> UrlSpec:
     if not hash_sign or not fragment.startswith("sha256=") or " " in url:
         raise _bad(spec, "a URL must end with #sha256=<64 hex digits>, the digest of the file")
     return UrlSpec(url, _digest(spec, fragment[len("sha256="):]))
+
+
+def _docker_spec(spec: str, text: str) -> ImageSpec:
+    """docker://[REGISTRY/]NAME[:TAG][@sha256:HEX], as the distribution spec's references are
+    written: the first component is a registry when it has a '.' or a ':' or is `localhost`;
+    Docker Hub's one-component names are `library/NAME`; no tag and no digest is `latest`."""
+    rest, at, pin = text.partition("@")
+    digest = None
+    if at:
+        if not pin.startswith("sha256:"):
+            raise _bad(spec, "an image digest is written @sha256:<64 hex digits>")
+        digest = "sha256:" + _digest(spec, pin[len("sha256:"):])
+    first, slash, remainder = rest.partition("/")
+    if slash and ("." in first or ":" in first or first == "localhost"):
+        registry, path = first, remainder
+    else:
+        registry, path = DOCKER_HUB, rest
+    name, tag = path, None
+    last = path.rsplit("/", 1)[-1]
+    if ":" in last:
+        name, tag = path.rsplit(":", 1)
+        if not _TAG.fullmatch(tag):
+            raise _bad(spec, f"{tag!r} is not a tag (letters, digits, '_', '.', '-'; at most 128)")
+    if not name or not all(_NAME_COMPONENT.fullmatch(c) for c in name.split("/")):
+        raise _bad(spec, f"{name!r} is not an image name (lower-case components separated by '/', "
+                         "such as library/redis or myorg/app)")
+    if registry == DOCKER_HUB and "/" not in name:
+        name = f"library/{name}"
+    if tag is None and digest is None:
+        tag = "latest"
+    return ImageSpec("docker", registry=registry, name=name, tag=tag, digest=digest)
+
+
+def _local_image_spec(spec: str, transport: str, text: str) -> ImageSpec:
+    """oci:DIR[:REF], oci-archive:FILE[:REF], docker-archive:FILE[:REF]: the path is the longest
+    prefix that exists, so that a path may hold ':' (as in skopeo)."""
+    if not text:
+        raise _bad(spec, f"{transport}: needs a path: {transport}:PATH[:REF]")
+    path, ref = text, None
+    if not os.path.exists(os.path.expanduser(path)):
+        # The longest prefix before a ':' that exists is the path; the rest is the reference.
+        cuts = [i for i, c in enumerate(text) if c == ":"]
+        found = [i for i in cuts if os.path.exists(os.path.expanduser(text[:i]))]
+        if found or cuts:
+            cut = found[-1] if found else cuts[-1]
+            path, ref = text[:cut], text[cut + 1:]
+    where = Path(os.path.abspath(os.path.expanduser(path)))
+    want_dir = transport == "oci"
+    if not (where.is_dir() if want_dir else where.is_file()):
+        kind = "OCI image layout directory (with index.json)" if want_dir else "file"
+        raise _bad(spec, f"there is no {kind} at {where}")
+    return ImageSpec(transport, tag=ref or None, path=where)
 
 
 def _digest(spec: str, text: str) -> str:

@@ -12,6 +12,10 @@ Cache layout (`--nsbox-cache-dir`, default `$XDG_CACHE_HOME/pytest-nsbox`)::
     trees/sha256-<digest>.trash-* being removed (or left by a killed prune: swept later)
     resolutions.json              alpine:X.Y (and unpinned releases) -> version and digest, so
                                   they resolve offline
+    fetches/<url hash>.lock       held while a pytest run fetches that URL (one process at a time)
+    fetches/<run>-<url hash>.failed.json
+                                  that URL failed in pytest run <run>: its other tests and xdist
+                                  workers fail at once with the same sentence (swept after a day)
 
 Every entry is made under a temp name and renamed into place under its lock, and removed by being
 renamed away under its lock first, so N xdist workers or N concurrent pytest runs fetch and extract
@@ -29,18 +33,20 @@ shutil, filelock and the download code are imported by the functions that use th
 from __future__ import annotations
 
 import os
+import re
 import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext as _nothing, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
-from ..errors import ConfigError, NetworkError, NsboxError, RemoteNotFound, RootfsError, UnsafeCacheError
+from ..errors import (ConfigError, DigestMismatch, NetworkError, NsboxError, RemoteNotFound, RootfsError,
+                      UnsafeCacheError)
 from . import alpine
-from .specs import AlpineSpec, HostSpec, PathSpec, RootfsSpec, UrlSpec, parse
+from .specs import AlpineSpec, HostSpec, ImageSpec, PathSpec, RootfsSpec, UrlSpec, parse
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -52,10 +58,15 @@ TRUST_NOTES = {
     "mirror": "digest from the mirror: trust on first use",
     "local": "local file",
     "host": "the host's filesystem",
+    "image": "an image, each blob checked against its digest",
+    "image-tag": "an image tag, resolved once and pinned in the cache",
 }
 _OTHER_CACHE = "choose another cache with --nsbox-cache-dir or NSBOX_CACHE_DIR"
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _MAX_SYMLINKS = 40  # as the kernel's path walk
+_T = TypeVar("_T")
+if TYPE_CHECKING:
+    from .oci import ImageConfig
 
 
 @dataclass(frozen=True)
@@ -69,6 +80,9 @@ class Rootfs:
     arch: str | None = None
     trust: str = "local"
     host: bool = False
+    #: An image's layers above `tree` (its bottom layer), bottom first; and its config.
+    lowers: tuple[Path, ...] = ()
+    image: ImageConfig | None = None
 
     def describe(self) -> str:
         parts = [self.spec]
@@ -78,6 +92,8 @@ class Rootfs:
             parts.append(self.arch)
         if self.digest:
             parts.append(f"sha256:{self.digest[:12]}")
+        if self.lowers:
+            parts.append(f"{len(self.lowers) + 1} layers")
         return f"{' '.join(parts)} ({TRUST_NOTES[self.trust]})"
 
 
@@ -103,24 +119,56 @@ def env_offline() -> bool:
     return os.environ.get("NSBOX_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
+DOWNLOAD_TIMEOUT = 30.0
+
+
+def env_download_timeout() -> float:
+    """NSBOX_DOWNLOAD_TIMEOUT (seconds a download may wait: to connect, and for each read), else 30."""
+    text = os.environ.get("NSBOX_DOWNLOAD_TIMEOUT")
+    if not text:
+        return DOWNLOAD_TIMEOUT
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise ConfigError(f"NSBOX_DOWNLOAD_TIMEOUT takes a positive number of seconds, not {text!r}")
+    return value
+
+
 class RootfsStore:
     def __init__(self, cache_dir: str | os.PathLike[str] | None = None, mirror: str | None = None,
-                 offline: bool | None = None, progress: Progress | None = None):
+                 offline: bool | None = None, progress: Progress | None = None,
+                 timeout: float | None = None, run_id: str | None = None):
+        """`timeout`: seconds a download may wait for the server, to connect and for each read
+        (default NSBOX_DOWNLOAD_TIMEOUT, else 30). `run_id`: a pytest run (shared by its xdist
+        workers) in which a failed download is tried once: it fails again at once, in any process
+        of the run using this cache. Without one, every resolve tries again."""
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.mirror = alpine.mirror_url(mirror)
         self.offline = env_offline() if offline is None else offline
         self.progress = progress
         self.trees = self.cache_dir / "trees"
+        self.run_id = re.sub(r"[^A-Za-z0-9_.-]", "_", run_id)[:64] if run_id else None
+        self._timeout = timeout
         self._memo: dict[tuple[str, bool], Rootfs] = {}
+        self._failures: dict[str, RootfsError] = {}
         self._lock = threading.Lock()
         self._checked = False
+
+    @property
+    def timeout(self) -> float:
+        # Read when a download needs it: a bad NSBOX_DOWNLOAD_TIMEOUT must not break a cache hit.
+        if self._timeout is None:
+            self._timeout = env_download_timeout()
+        return self._timeout
 
     # -- resolving --------------------------------------------------------------------------
     def resolve(self, spec: str | os.PathLike[str] | RootfsSpec, refresh: bool = False,
                 layer: bool = False) -> Rootfs:
         """The tree for `spec`, fetching and extracting it if it is not cached yet.  A root
         filesystem must have an executable /bin/sh; a `layer` (files laid over one) need not."""
-        parsed = spec if isinstance(spec, (AlpineSpec, UrlSpec, PathSpec, HostSpec)) \
+        parsed = spec if isinstance(spec, (AlpineSpec, UrlSpec, PathSpec, HostSpec, ImageSpec)) \
             else parse(spec, "layer" if layer else "rootfs")
         key = str(parsed)
         if layer and isinstance(parsed, HostSpec):
@@ -130,16 +178,19 @@ class RootfsStore:
         if hit is not None and (hit.host or hit.tree.is_dir()):
             return hit
         result = self._resolve(parsed, key, refresh, whole=not layer)
-        if not (layer or result.host):
+        if not (layer or result.host or result.image):  # (an image need not have a shell)
             check_tree(result.tree, key)
-        with self._lock:
-            self._memo[(key, layer)] = result
+        copied = isinstance(parsed, PathSpec) and parsed.is_dir and result.tree != parsed.path
+        if not copied:  # a copy must be checked against its tree again each time (_own_copy)
+            with self._lock:
+                self._memo[(key, layer)] = result
         return result
 
     def cached(self, spec: str | os.PathLike[str]) -> Rootfs | None:
         """The tree for `spec` if it can be had without network or extraction, else None."""
         try:
-            return RootfsStore(self.cache_dir, self.mirror, offline=True)._resolve_offline(parse(spec))
+            return RootfsStore(self.cache_dir, self.mirror, offline=True,
+                               timeout=self._timeout)._resolve_offline(parse(spec))
         except NsboxError:
             return None
 
@@ -148,14 +199,32 @@ class RootfsStore:
             return Rootfs("host", Path("/"), trust="host", host=True)
         if isinstance(spec, PathSpec):
             if spec.is_dir:
-                return Rootfs(key, spec.path)
+                if _owner(spec.path) == os.geteuid():
+                    return Rootfs(key, spec.path)
+                return self._own_copy(key, spec.path, whole)
             digest = _local_sha256(spec.path)
             tree = self._materialize(key, digest, lambda dest: _copy_into(spec.path, dest),
                                      {"source": str(spec.path), "spec": key, "trust": "local"}, whole)
             return Rootfs(key, tree, digest)
         if isinstance(spec, UrlSpec):
             return self._fetch(key, spec.url, spec.digest, "caller", None, None, whole)
+        if isinstance(spec, ImageSpec):
+            if not whole:
+                raise ConfigError(f"{key} is an image, a whole root filesystem: give it as the rootfs, "
+                                  "and its layers are laid as the image has them")
+            from . import images
+            return images.resolve(self, spec, key, refresh)
         return self._resolve_alpine(spec, key, refresh)
+
+    def _own_copy(self, key: str, path: Path, whole: bool) -> Rootfs:
+        """A tree another uid owns (a checkout in a root container on hosted CI) is nobody's in
+        the sandbox, where nothing can be made in it, not even a mount point: the sandbox runs
+        over a copy the cache owns instead, made again whenever the tree changes."""
+        digest = _tree_digest(path)
+        tree = self._materialize(key, digest, lambda dest: _tar_of(path, dest),
+                                 {"source": str(path), "spec": key, "trust": "local",
+                                  "copy_of": "a directory owned by another user"}, whole, exact=False)
+        return Rootfs(key, tree, digest)
 
     def _resolve_offline(self, spec: RootfsSpec) -> Rootfs:
         if isinstance(spec, PathSpec) and not spec.is_dir:
@@ -201,7 +270,7 @@ class RootfsStore:
         if pinned and release.sha256 and pinned != release.sha256:
             raise RootfsError(f"the mirror {self.mirror} lists alpine {release.version} ({arch}) with SHA-256 "
                               f"{release.sha256}, but pytest-nsbox pins {pinned}: refusing a tampered or "
-                              "broken mirror")
+                              f"broken mirror; {alpine.ANOTHER_MIRROR}")
         if pinned:
             return release.version, pinned, "pinned"
         if not release.sha256:
@@ -219,34 +288,41 @@ class RootfsStore:
             raise RootfsError(f"{url} holds no SHA-256 for {alpine.file_name(version, arch)}")
         return digest
 
-    def _no_such_release(self, key: str, version: str, arch: str, pins: alpine.Pins) -> RootfsError:
+    def _no_such_release(self, key: str, version: str, arch: str, pins: alpine.Pins,
+                         why: str = "") -> RootfsError:
         from .download import fetch_text
         branch = version if version.count(".") == 1 else version.rsplit(".", 1)[0]
+        timeout = min(10.0, self.timeout)  # only to list the choices: not worth a long wait
         known = []
         try:
-            listing = fetch_text(f"{alpine.release_dir(self.mirror, branch, arch)}/", timeout=10)
-            versions = alpine.listed_versions(listing, arch)
+            url = f"{alpine.release_dir(self.mirror, branch, arch)}/"
+            versions = alpine.listed_versions(self._fetch_once(url, lambda: fetch_text(url, timeout)), arch)
         except RootfsError:
             versions = []
         if versions:
             known.append(f"releases of {branch} on the mirror: {', '.join(versions)}")
         else:
             with suppress(RootfsError):
-                branches = alpine.listed_branches(fetch_text(f"{self.mirror}/", timeout=10))
+                url = f"{self.mirror}/"
+                branches = alpine.listed_branches(self._fetch_once(url, lambda: fetch_text(url, timeout)))
                 if branches:
                     known.append(f"branches on the mirror: {', '.join(branches)}")
         known.append(f"pinned releases: {', '.join(pins.versions(arch)) or 'none for ' + arch}")
-        return RootfsError(f"{key}: no such Alpine release {version} ({arch}) on {self.mirror}; "
-                           + "; ".join(known))
+        return RootfsError(f"{key}: no such Alpine release {version} ({arch}) on {self.mirror}"
+                           + (f" ({why})" if why else "") + "; " + "; ".join(known)
+                           + "; ask for one of these (alpine:X.Y.Z, or alpine:X.Y for the newest of a "
+                           f"branch), or use a mirror that has {version}: {alpine.MIRROR_OPTIONS}")
 
     def _fetch_text(self, key: str, url: str) -> str:
         from .download import fetch_text
         if self.offline:
             raise self._miss(key, "--nsbox-offline is set")
         try:
-            return fetch_text(url)
-        except NetworkError as exc:
-            raise self._miss(key, str(exc)) from None
+            return self._fetch_once(url, lambda: fetch_text(url, self.timeout))
+        except RemoteNotFound:
+            raise  # the caller says which release is missing
+        except RootfsError as exc:
+            raise self._cannot_fetch(key, exc) from None
 
     def _fetch(self, key: str, url: str, digest: str, trust: str, version: str | None,
                arch: str | None, whole: bool = True) -> Rootfs:
@@ -254,13 +330,30 @@ class RootfsStore:
             return self._hit(key, digest, version, arch, trust)
         if self.offline:
             raise self._miss(key, "--nsbox-offline is set")
+        url_spec = version is None  # a https://URL#sha256= spec; else an Alpine release
+        kind = "rootfs" if whole else "layer"
+
+        def failed(exc: RootfsError) -> RootfsError:
+            if isinstance(exc, DigestMismatch):
+                return self._digest_mismatch(key, exc, trust, url_spec, kind)
+            if isinstance(exc, RemoteNotFound) and not url_spec:
+                assert version is not None and arch is not None
+                return self._no_such_release(key, version, arch, alpine.pins(), why=str(exc))
+            return self._cannot_fetch(key, exc, url_spec, kind)
+
+        if self.run_id is not None:
+            known = self._failed(url)  # before waiting for the entry's lock another worker holds
+            if known is not None:
+                raise failed(known)
 
         def download(dest: Path) -> None:
             from .download import fetch_file
             try:
-                fetch_file(url, dest, digest, self.progress)
-            except NetworkError as exc:
-                raise self._miss(key, str(exc)) from None
+                # Under the entry's lock: one fetch at a time, so a failure is seen by who waited.
+                self._fetch_once(url, lambda: fetch_file(url, dest, digest, self.progress, self.timeout),
+                                 locked=False)
+            except RootfsError as exc:
+                raise failed(exc) from None
 
         meta = {"source": url, "spec": key, "version": version, "arch": arch, "trust": trust}
         tree = self._materialize(key, digest, download, meta, whole)
@@ -276,6 +369,148 @@ class RootfsStore:
             f"rootfs {key} is not in the cache {self.cache_dir} and cannot be fetched ({why}). "
             f"Fill the cache where there is network with `nsbox rootfs pull {shlex.quote(key)} --cache-dir "
             f"{shlex.quote(str(self.cache_dir))}`, or use a local tarball: --nsbox-rootfs=PATH")
+
+    # -- why a download failed, and the fix that fits ------------------------------------------
+    def _cannot_fetch(self, key: str, exc: RootfsError, url_spec: bool = False,
+                      kind: str = "rootfs") -> RootfsError:
+        """The sentence for a download that failed: what happened, then the fix — filling the cache
+        elsewhere only where there may be no network, since that is no fix where there is."""
+        import shlex
+
+        from .download import unreachable
+        check = "check the URL" if url_spec else f"check the mirror {self.mirror} or {alpine.ANOTHER_MIRROR}"
+        if unreachable(exc):
+            fix = (f"without network, fill the cache where there is network (`nsbox rootfs pull "
+                   f"{shlex.quote(key)} --cache-dir {shlex.quote(str(self.cache_dir))}`) or use a local "
+                   f"tarball (--nsbox-rootfs=PATH); with network, {check}")
+        elif url_spec and isinstance(exc, RemoteNotFound):
+            fix = "the server has no file there: check the URL"
+        elif url_spec:
+            fix = ("the server was reached but failed: check the URL, or fetch the file another way and "
+                   "use it as a local tarball (--nsbox-rootfs=PATH)")
+        else:
+            fix = (f"the mirror was reached but failed: try again later, {alpine.ANOTHER_MIRROR}, or use a "
+                   "local tarball (--nsbox-rootfs=PATH)")
+        error = type(exc)(f"{kind} {key} is not in the cache {self.cache_dir} and cannot be fetched: {exc}; "
+                          f"{fix}{self._once_note()}")
+        error.unreachable = unreachable(exc)  # type: ignore[attr-defined]
+        return error
+
+    def _digest_mismatch(self, key: str, exc: RootfsError, trust: str, url_spec: bool,
+                         kind: str) -> RootfsError:
+        actual = getattr(exc, "actual", "HEX")
+        if url_spec:
+            url = key.partition("#")[0]
+            fix = (f"check the URL or the digest: if the file at the URL changed on purpose and you have "
+                   f"checked it another way, pin its new digest ({url}#sha256={actual})")
+        elif trust == "caller":
+            fix = (f"check the digest in {key}, or the mirror may be tampered or broken: "
+                   f"{alpine.ANOTHER_MIRROR}")
+        else:
+            fix = f"the mirror sent another file (tampered or broken): {alpine.ANOTHER_MIRROR}"
+        return type(exc)(f"{kind} {key}: {exc}; {fix}{self._once_note()}")
+
+    def _once_note(self) -> str:
+        return "; a failed download is tried once per pytest run" if self.run_id is not None else ""
+
+    # -- failed downloads, remembered for one pytest run ------------------------------------------
+    def _fetch_once(self, url: str, fetch: Callable[[], _T], locked: bool = True) -> _T:
+        """`fetch()` of `url` — unless it already failed in this run, in this process or another
+        (an xdist worker) using this cache: then that error again, at once. With `locked`, one
+        process of the run fetches at a time, so the others see its failure instead of repeating it."""
+        if self.run_id is None:
+            return fetch()
+        known = self._failed(url)
+        if known is not None:
+            raise known
+        with self._fetch_lock(url) if locked else _nothing():
+            known = self._failed(url)  # failed in another worker while this one waited
+            if known is not None:
+                raise known
+            try:
+                return fetch()
+            except RootfsError as exc:
+                self._remember(url, exc)
+                raise
+
+    @contextmanager
+    def _fetch_lock(self, url: str) -> Iterator[None]:
+        """fetches/<url hash>.lock, where it can be had: a read-only cache fetches without it."""
+        from filelock import FileLock
+        directory = self._failure_dir(create=True)
+        lock = None
+        if directory is not None:
+            path = directory / f"{_url_hash(url)}.lock"
+            st = _lstat(path)
+            if st is not None:
+                check_private(path, st, "lock ")
+            try:
+                lock = FileLock(str(path), mode=0o600)
+                lock.acquire()
+            except OSError:
+                lock = None
+        try:
+            yield
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _failure_dir(self, create: bool) -> Path | None:
+        """fetches/, the user's own; None where it cannot be had (a read-only cache: the failures
+        are then remembered by this process only)."""
+        path = self.cache_dir / "fetches"
+        try:
+            if not self._open_cache(create=create):
+                return None
+            st = _lstat(path)
+            if st is None:
+                if not create:
+                    return None
+                with suppress(FileExistsError):
+                    os.mkdir(path, 0o700)
+                st = os.lstat(path)
+        except (OSError, RootfsError):
+            return None
+        check_private(path, st, "directory ")
+        return path
+
+    def _failure_file(self, directory: Path, url: str) -> Path:
+        return directory / f"{self.run_id}-{_url_hash(url)}.failed.json"
+
+    def _failed(self, url: str) -> RootfsError | None:
+        known = self._failures.get(url)
+        if known is not None:
+            return known
+        directory = self._failure_dir(create=False)
+        if directory is None or _lstat(self._failure_file(directory, url)) is None:
+            return None
+        try:
+            data = _read_json(self._failure_file(directory, url))
+        except OSError:
+            return None
+        if data.get("url") != url or not isinstance(data.get("message"), str):
+            return None
+        kinds = {cls.__name__: cls for cls in (RootfsError, NetworkError, RemoteNotFound, DigestMismatch)}
+        known = kinds.get(str(data.get("kind")), RootfsError)(data["message"])
+        known.unreachable = bool(data.get("unreachable"))  # type: ignore[attr-defined]
+        if data.get("actual"):
+            known.actual = str(data["actual"])  # type: ignore[attr-defined]
+        self._failures[url] = known
+        return known
+
+    def _remember(self, url: str, exc: RootfsError) -> None:
+        self._failures[url] = exc
+        directory = self._failure_dir(create=True)
+        if directory is None:
+            return
+        data = {"url": url, "kind": type(exc).__name__, "message": str(exc),
+                "unreachable": bool(getattr(exc, "unreachable", False)), "actual": getattr(exc, "actual", None)}
+        with suppress(OSError):
+            _write_json(self._failure_file(directory, url), data)
+            # Other runs' records are no use once they are over: a day is longer than any run.
+            for old in directory.glob("*.failed.json"):
+                if not old.name.startswith(f"{self.run_id}-") and time.time() - os.lstat(old).st_mtime > 86400:
+                    os.unlink(old)
 
     # -- the cache and its owner --------------------------------------------------------------
     def _open_cache(self, create: bool) -> bool:
@@ -356,22 +591,40 @@ class RootfsStore:
         return RootfsError(f"{label}: cannot write {path}: {exc.strerror or exc}; {fix}")
 
     def _materialize(self, key: str, digest: str, produce: Callable[[Path], None], meta: dict,
-                     whole: bool = True) -> Path:
+                     whole: bool = True, exact: bool = True, oci: bool = False) -> Path:
         """Make trees/sha256-<digest> exist, once, whoever else is trying at the same time.  A
-        `whole` root filesystem without /bin/sh is refused before it is cached."""
-        self._open_cache(create=True)
+        `whole` root filesystem without /bin/sh is refused before it is cached.  `exact`: the
+        archive `produce` writes must have `digest` as its sha256 (else `digest` names what it
+        was made from).  `oci`: an image layer, with whiteouts (archive.py)."""
         tree = self.trees / f"sha256-{digest}"
         if self._tree_ready(tree):
             return tree
+        spill = self._spill()
+        if spill is not None:
+            return spill._materialize(key, digest, produce, meta, whole, exact, oci)
+        self._open_cache(create=True)
         try:
             with self._locked(self.trees / f"{tree.name}.lock"):
-                return self._materialize_locked(tree, digest, produce, meta, whole)
+                return self._materialize_locked(tree, digest, produce, meta, whole, exact, oci)
         except OSError as exc:
             # A full disk or an unwritable cache, not a bug: say where, and what to do.
             raise self._write_error(key, self.trees, exc) from None
 
+    def _spill(self) -> RootfsStore | None:
+        """Where an isolated test's call extracts what the read-only cache lacks: a cache of its
+        own in its private /tmp, which no other test can reach and which ends with the test."""
+        place = os.environ.get(SPILL_ENV)
+        if not place or not _read_only(self.cache_dir):
+            return None
+        if place not in _spills:
+            import tempfile
+            _spills[place] = RootfsStore(tempfile.mkdtemp(prefix="nsbox-cache-", dir=place),
+                                         mirror=self.mirror, offline=self.offline, progress=self.progress,
+                                         timeout=self._timeout, run_id=self.run_id)
+        return _spills[place]
+
     def _materialize_locked(self, tree: Path, digest: str, produce: Callable[[Path], None],
-                            meta: dict, whole: bool) -> Path:
+                            meta: dict, whole: bool, exact: bool = True, oci: bool = False) -> Path:
         import tempfile
 
         from . import archive
@@ -383,10 +636,10 @@ class RootfsStore:
         tarball, staging = Path(name), None
         try:
             produce(tarball)
-            if file_sha256(tarball) != digest:
+            if exact and file_sha256(tarball) != digest:
                 raise RootfsError(f"{meta['source']} changed while it was being cached; try again")
             staging = Path(tempfile.mkdtemp(prefix=f"{tree.name}.tmp-", dir=self.trees))
-            size = archive.extract(tarball, staging, source=meta["source"])
+            size = archive.extract(tarball, staging, source=meta["source"], oci=oci)
             if whole:
                 check_tree(staging, meta["source"])
             _write_json(tree.with_name(tree.name + ".json"),
@@ -493,7 +746,12 @@ def resolve(spec: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | No
 # -- trees --------------------------------------------------------------------------------------
 def check_tree(tree: Path, label: str) -> None:
     """Refuse a tree that is no root filesystem: sandboxes run commands through /bin/sh."""
-    found = _lstat_in_tree(tree, "bin/sh")
+    try:
+        found = _lstat_in_tree(tree, "bin/sh")
+    except PermissionError as exc:
+        raise RootfsError(f"{label}: cannot read {exc.filename or tree}: permission denied; a rootfs "
+                          "directory must be readable and searchable by you (chmod -R u+rX, or "
+                          "chown -R to your user)") from None
     if isinstance(found, str):
         why = found
     elif not stat.S_ISREG(found.st_mode):
@@ -704,7 +962,70 @@ def file_sha256(path: Path) -> str:
         return h.hexdigest()
 
 
+def _url_hash(url: str) -> str:
+    import hashlib
+    return hashlib.sha256(url.encode()).hexdigest()[:24]
+
+
+def _owner(path: Path) -> int:
+    try:
+        return os.stat(path).st_uid
+    except OSError as exc:
+        raise RootfsError(f"cannot use {path} as a rootfs: {exc.strerror}") from None
+
+
+def _tree_digest(top: Path) -> str:
+    """What a directory holds, as make judges it (names, types, modes, owners, sizes, times; the
+    ctime too, which no one can set back), hashed: a copy is made again when this changes."""
+    import hashlib
+    h = hashlib.sha256()
+    pending = [""]
+    try:
+        while pending:
+            rel = pending.pop()
+            with os.scandir(top / rel if rel else top) as it:
+                entries = sorted(it, key=lambda e: e.name)
+            for entry in entries:
+                st = entry.stat(follow_symlinks=False)
+                name = f"{rel}/{entry.name}" if rel else entry.name
+                link = os.readlink(entry.path) if stat.S_ISLNK(st.st_mode) else ""
+                h.update(repr((name, st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns,
+                               st.st_ctime_ns, st.st_ino, link)).encode("utf-8", "surrogateescape"))
+                if stat.S_ISDIR(st.st_mode):
+                    pending.append(name)
+    except OSError as exc:
+        raise RootfsError(f"cannot read {exc.filename or top} to copy the tree {top} another user owns: "
+                          f"{exc.strerror}; make it readable to you, or own it (chown -R)") from None
+    return h.hexdigest()
+
+
+def _tar_of(top: Path, dest: Path) -> None:
+    """`top` as an archive at `dest`, links kept as links, for archive.extract's checks."""
+    import tarfile
+    try:
+        with tarfile.open(dest, "w", format=tarfile.PAX_FORMAT) as tar:
+            tar.add(top, arcname=".")
+    except OSError as exc:
+        raise RootfsError(f"cannot read {exc.filename or top} to copy the tree {top} another user owns: "
+                          f"{exc.strerror}; make it readable to you, or own it (chown -R)") from None
+
+
 _touched: set[Path] = set()
+#: Set in an isolated test's call (isolate/protocol.py) to its private /tmp: see `RootfsStore._spill`.
+SPILL_ENV = "NSBOX_ISOLATED_SPILL"
+_spills: dict[str, RootfsStore] = {}
+
+
+def _read_only(path: Path) -> bool:
+    """Whether `path`, or the nearest directory above it that exists, is on a read-only mount."""
+    for place in (path, *path.parents):
+        try:
+            return bool(os.statvfs(place).f_flag & os.ST_RDONLY)
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return False
+    return False
 
 
 def _touch(path: Path) -> None:
