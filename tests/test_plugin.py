@@ -139,6 +139,18 @@ def test_the_again_line_names_the_cache_the_run_used(pytester, tmp_path, cache_d
     assert made.returncode == 0, made.stderr
 
 
+def test_file_transfers_are_reported_as_the_calls_they_were(pytester):
+    pytester.makepyfile(textwrap.dedent("""
+        def test_fails(sandbox):
+            sandbox.write_file("/root/x", "data")
+            assert sandbox.read_file("/root/x") == "other"
+    """))
+    result = pytester.runpytest_subprocess()
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["  $ write_file('/root/x')  -> exit 0*", "  $ read_file('/root/x')  -> exit 0*"])
+    assert "/bin/sh" not in result.stdout.str() and "nsbox-write" not in result.stdout.str()
+
+
 def test_a_module_sandbox_used_by_a_failed_test_is_in_its_report(pytester):
     pytester.makepyfile(textwrap.dedent("""
         import pytest

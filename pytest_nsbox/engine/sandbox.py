@@ -609,7 +609,8 @@ class Sandbox:
         _check_timeout(timeout)
         self._live_channel()
         args = [f"{verb}_file", path]
-        process = self._start(args, args, PIPE if data is not None else None,
+        # Recorded as the call it was (a report reads `$ write_file('/etc/x')`), never as a command line.
+        process = self._start(f"{verb}_file({path!r})", args, PIPE if data is not None else None,
                               PIPE if data is None else DEVNULL, PIPE, None, None, False, False, [verb, path, arg])
         effective = self._effective_timeout(timeout)
         try:
