@@ -1,6 +1,7 @@
 """`nsbox rootfs`: the cache of root filesystems.
 
     nsbox rootfs pull SPEC             fetch and extract a rootfs into the cache (refreshes alpine:X.Y)
+    nsbox rootfs pull --refresh SPEC   ... asking the registry again what an image tag names
     nsbox rootfs path SPEC             print the cached tree of SPEC (fetching it if needed)
     nsbox rootfs list                  spec, version, arch, digest, size and last use of each cached tree
     nsbox rootfs prune --all|--keep N  remove every tree, or all but the N most recently used
@@ -31,6 +32,12 @@ SPEC is one of:
   https://URL#sha256=HEX       any tarball, checked against its digest
   PATH                         a local directory, or a tarball ({suffixes})
   host                         the host's own filesystem (nothing to fetch)
+  docker://[REGISTRY/]NAME[:TAG][@sha256:HEX]
+                               an image in a registry (Docker Hub by default); a tag is
+                               resolved once and pinned in the cache (pull --refresh asks again)
+  oci:DIR[:REF]                an OCI image layout (REF: a tag in its index.json)
+  oci-archive:FILE[:REF]       the same, as a tarball
+  docker-archive:FILE[:REF]    what `docker save` writes
 """
 
 
@@ -87,6 +94,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         action = actions.add_parser(name, parents=[common], help=what, description=what, epilog=spec_help,
                                     formatter_class=argparse.RawDescriptionHelpFormatter)
         action.add_argument("spec", metavar="SPEC", help="what to fetch: see below")
+        if name == "pull":
+            action.add_argument("--refresh", action="store_true",
+                                help="ask the registry again what an image tag names (a tag is pinned "
+                                     "in the cache when first pulled)")
     actions.add_parser("list", parents=[common], help="list cached trees")
     prune = actions.add_parser("prune", parents=[common], help="remove cached trees",
                                description="Remove cached trees: all of them, or all but the most recently used.")
@@ -98,8 +109,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     store = store_for(args)
     if args.action == "pull":
-        rootfs = store.resolve(args.spec, refresh=True)
-        print(f"{rootfs.describe()}\n{rootfs.tree}")
+        _pull(store, args.spec, args.refresh)
     elif args.action == "path":
         print(store.resolve(args.spec).tree)
     elif args.action == "list":
@@ -108,6 +118,22 @@ def run(args: argparse.Namespace) -> int:
         for entry in store.prune(0 if args.all else args.keep):
             print(f"removed {entry.tree}")
     return 0
+
+
+def _pull(store: RootfsStore, text: str, refresh: bool) -> None:
+    from ..rootfs.specs import ImageSpec, parse
+    spec = parse(text)
+    image = isinstance(spec, ImageSpec)
+    # An Alpine branch is asked again on every pull (as before); an image tag only when asked to.
+    rootfs = store.resolve(spec, refresh=refresh or not image)
+    print(rootfs.describe())
+    if not image:
+        print(rootfs.tree)
+        return
+    for tree in (rootfs.tree, *rootfs.lowers):
+        print(f"  layer {tree}")
+    if spec.transport == "docker" and spec.digest is None and not refresh:  # type: ignore[union-attr]
+        print(f"(the tag is pinned in the cache: `nsbox rootfs pull --refresh {text}` asks the registry again)")
 
 
 def store_for(args: argparse.Namespace) -> RootfsStore:
