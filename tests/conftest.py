@@ -89,6 +89,15 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 @pytest.fixture
+def mirror(tmp_path):
+    """A copy of the Alpine mirror served on 127.0.0.1 for one test (tests/mirror.py)."""
+    from .mirror import serve
+    served, stop = serve(MIRROR, tmp_path / "mirror")
+    yield served
+    stop()
+
+
+@pytest.fixture
 def alpine_tarball() -> pathlib.Path:
     return pathlib.Path(os.environ["NSBOX_ROOTFS"])
 

@@ -22,8 +22,6 @@ import pytest
 from pytest_nsbox import RootfsError
 from pytest_nsbox.rootfs.store import RootfsStore
 
-from .conftest import MIRROR
-from .mirror import serve
 
 SHA_319 = "a2a87004e87720cbb0372c08b7de9b80748afdfd7fd72d2eab2ec0b074b92211"
 SHA_320 = "d4e6fd67dcf75e40c451560ac7265166c2b72a0f38ddc9aae756a7de3d1efa0c"
@@ -53,13 +51,6 @@ def _has_entry(uid: int) -> bool:
         return True
     except KeyError:
         return False
-
-
-@pytest.fixture
-def mirror(tmp_path):
-    served, stop = serve(MIRROR, tmp_path / "mirror")
-    yield served
-    stop()
 
 
 def _store(cache: Path, mirror) -> RootfsStore:

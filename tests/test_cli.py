@@ -12,17 +12,8 @@ import pytest
 
 from pytest_nsbox import __version__
 
-from .conftest import MIRROR
-from .mirror import serve
 
 SHA_319 = "a2a87004e87720cbb0372c08b7de9b80748afdfd7fd72d2eab2ec0b074b92211"
-
-
-@pytest.fixture
-def mirror(tmp_path):
-    served, stop = serve(MIRROR, tmp_path / "mirror")
-    yield served
-    stop()
 
 
 def _env(**changes: str | None) -> dict[str, str]:

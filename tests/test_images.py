@@ -5,7 +5,6 @@ their config honoured; content-addressed layers shared between images."""
 from __future__ import annotations
 
 import json
-import os
 import tarfile
 from pathlib import Path
 

@@ -22,8 +22,6 @@ from pytest_nsbox import ConfigError, RootfsError
 from pytest_nsbox.errors import DigestMismatch, NetworkError
 from pytest_nsbox.rootfs.store import RootfsStore
 
-from .conftest import MIRROR
-from .mirror import serve
 
 TARBALL = "v3.20/releases/x86_64/alpine-minirootfs-3.20.3-x86_64.tar.gz"
 SHA_320 = "d4e6fd67dcf75e40c451560ac7265166c2b72a0f38ddc9aae756a7de3d1efa0c"
@@ -35,13 +33,6 @@ FOUR_TESTS = textwrap.dedent("""
     def test_release(sandbox, n):
         assert "VERSION_ID=3.20.3" in sandbox.run(["cat", "/etc/os-release"]).stdout
 """)
-
-
-@pytest.fixture
-def mirror(tmp_path):
-    served, stop = serve(MIRROR, tmp_path / "mirror")
-    yield served
-    stop()
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ image (Debian bookworm with redis-server, built by .ci/images/build-redis with d
 from __future__ import annotations
 
 import os
-import socket
 import textwrap
 from pathlib import Path
 

@@ -19,20 +19,11 @@ from pytest_nsbox import RootfsError, Sandbox, UnsafeArchiveError
 from pytest_nsbox.errors import DigestMismatch
 from pytest_nsbox.rootfs.store import RootfsStore
 
-from .conftest import MIRROR
 from .helpers import wait_until
-from .mirror import serve
 
 SHA_320 = "d4e6fd67dcf75e40c451560ac7265166c2b72a0f38ddc9aae756a7de3d1efa0c"
 SHA_319 = "a2a87004e87720cbb0372c08b7de9b80748afdfd7fd72d2eab2ec0b074b92211"
 TARBALL_320 = "v3.20/releases/x86_64/alpine-minirootfs-3.20.3-x86_64.tar.gz"
-
-
-@pytest.fixture
-def mirror(tmp_path):
-    served, stop = serve(MIRROR, tmp_path / "mirror")
-    yield served
-    stop()
 
 
 @pytest.fixture

@@ -20,17 +20,9 @@ from pytest_nsbox import ConfigError, RootfsError
 from pytest_nsbox.rootfs.alpine import mirror_url
 from pytest_nsbox.rootfs.store import RootfsStore
 
-from .conftest import ALPINE_319, MIRROR
-from .mirror import serve
+from .conftest import ALPINE_319
 
 ROOT = os.geteuid() == 0
-
-
-@pytest.fixture
-def mirror(tmp_path):
-    served, stop = serve(MIRROR, tmp_path / "mirror")
-    yield served
-    stop()
 
 
 @contextlib.contextmanager

@@ -17,13 +17,6 @@ SHA_320 = "d4e6fd67dcf75e40c451560ac7265166c2b72a0f38ddc9aae756a7de3d1efa0c"
 RELEASES = "v3.20/releases/x86_64"
 
 
-@pytest.fixture
-def mirror(tmp_path):
-    served, stop = serve(conftest.MIRROR, tmp_path / "mirror")
-    yield served
-    stop()
-
-
 def test_a_missing_mirror_is_fetched_from_the_pinned_releases(tmp_path, mirror):
     fetched = tmp_path / "fetched"
     conftest.fetch_test_mirror(fetched, mirror.url)

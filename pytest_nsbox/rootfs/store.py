@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext as _nothing, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple, TypeVar
+from typing import NamedTuple, TypeVar
 
 from ..errors import (ConfigError, DigestMismatch, NetworkError, NsboxError, RemoteNotFound, RootfsError,
                       UnsafeCacheError)
