@@ -225,7 +225,8 @@ def test_keep_on_failure_stops_at_its_budget_and_says_so(pytester):
         def test_fails(sandbox, n):
             assert sandbox.run("false").returncode == 0
     """))
-    result = pytester.runpytest_subprocess("--nsbox-keep-on-failure", "--nsbox-keep-on-failure-max", "1K")
+    # A fresh Alpine sandbox saves as about 8 MB: one fits in 12M, two do not.
+    result = pytester.runpytest_subprocess("--nsbox-keep-on-failure", "--nsbox-keep-on-failure-max", "12M")
     result.assert_outcomes(failed=2)
     said = [line for line in result.stdout.lines if line.startswith("  its filesystem at the failure: ")]
     assert said[0].endswith(".tar")

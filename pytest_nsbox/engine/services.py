@@ -552,12 +552,23 @@ def pending_output(process: Any, stream: str, budget: int = PENDING_BUDGET) -> s
     return process.output_seen.get(stream, "")
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+
+def printable(line: str) -> str:
+    """`line` with every control character but tab shown escaped (ESC as \\x1b): what a sandbox
+    printed must not drive the terminal a report is read on (hide the `again:` line, set its
+    clipboard) or forge a line of the report."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", line)
+
+
 def tail_lines(text: str, count: int = TAIL_LINES) -> tuple[list[str], int]:
-    """The last `count` lines of `text`, each cut at LINE_CHARS, and how many lines came before."""
+    """The last `count` lines of `text`, each cut at LINE_CHARS and made printable, and how many
+    lines came before."""
     text = text.rstrip("\n")
     if not text:
         return [], 0
-    lines = text.rsplit("\n", count)[-count:]
+    lines = [printable(line) for line in text.rsplit("\n", count)[-count:]]
     earlier = text.count("\n") + 1 - len(lines)
     return [line if len(line) <= LINE_CHARS else f"{line[:LINE_CHARS]} [{len(line) - LINE_CHARS} more characters]"
             for line in lines], earlier

@@ -4,6 +4,7 @@ the `nsbox shell` line that makes the sandbox again."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
@@ -38,15 +39,20 @@ def describe(sandboxes: Sequence[tuple[Sandbox, float]], kept: dict[int, str] | 
             if earlier and (process is None or process.returncode is not None):
                 continue  # (a shared sandbox's server that still runs is part of what this test saw)
             note = "  (started before this test)" if earlier else ""
-            lines.append(f"  $ {shell_form(record.args)}  -> {_status(record)}{note}")
+            lines.append(f"  $ {printable(shell_form(record.args))}  -> {_status(record)}{note}")
             lines += _output(record, process)
             for stream, dropped in record.dropped.items():
                 lines.append(f"    ({dropped} bytes of {stream} beyond output_max were dropped)")
         tarball = kept.get(id(sb))
         if tarball is not None:
-            lines.append(f"  its filesystem at the failure: {tarball}")
+            lines.append(f"  its filesystem at the failure: {printable(tarball)}")
         lines.append(f"  again: {shell_line(sb, tarball if tarball and not tarball.startswith('not kept') else None)}")
     return "\n".join(lines)
+
+
+def printable(text: str) -> str:
+    from ..engine.services import printable
+    return printable(text)
 
 
 def _status(record: CommandRecord) -> str:
@@ -171,7 +177,15 @@ class Keeper:
             path = sb.save(self.directory / (re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[-120:] + ".tar"))
         except Exception as exc:  # noqa: BLE001 - a dead or full sandbox, a planted link: the report says so
             return f"not kept ({type(exc).__name__}: {exc})"
+        size = os.stat(path).st_size
+        if self.used + size > self.budget:
+            # (save() has no ceiling of its own: what passes the budget is not kept at all.)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            return (f"not kept: this test process already kept {self.count} tarballs of {self.used / 1e6:.1f} MB, "
+                    f"and this one ({size / 1e6:.1f} MB) would pass --nsbox-keep-on-failure-max "
+                    f"({self.budget / 1e6:.1f} MB)")
         self.count += 1
-        self.used += os.stat(path).st_size
+        self.used += size
         self._kept[sb] = (len(sb.history), str(path))
         return str(path)

@@ -43,8 +43,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, TypeVar
 
-from ..errors import (ConfigError, DigestMismatch, NetworkError, NsboxError, RemoteNotFound, RootfsError,
-                      UnsafeCacheError)
+from ..errors import (ArchiveLimitError, ConfigError, DigestMismatch, NetworkError, NsboxError, RemoteNotFound,
+                      RootfsError, UnsafeCacheError)
 from . import alpine
 from .specs import AlpineSpec, HostSpec, ImageSpec, PathSpec, RootfsSpec, UrlSpec, parse
 
@@ -1000,11 +1000,79 @@ def _tree_digest(top: Path) -> str:
 
 
 def _tar_of(top: Path, dest: Path) -> None:
-    """`top` as an archive at `dest`, links kept as links, for archive.extract's checks."""
+    """`top` as an archive at `dest`, for archive.extract's checks.  The tree is another user's, who
+    may change it while it is read: it is walked by directory descriptors opened with O_NOFOLLOW,
+    each file is opened the same way (and O_NONBLOCK: a FIFO swapped in cannot hang us) and must be
+    the regular file that was listed; what it holds is counted against the archive limits before it
+    is written; links are kept as links, hard links as hard links; FIFOs, sockets and device nodes
+    are left out (a sandbox's /dev is its own)."""
     import tarfile
+
+    from .archive import Limits, human_size
+    limits = Limits.from_env()
+    state = {"bytes": 0, "members": 0}
+    seen: dict[tuple[int, int], str] = {}
+
+    def charge(size: int, name: str) -> None:
+        state["bytes"] += size + archive_block
+        state["members"] += 1
+        if state["bytes"] > limits.max_bytes or state["members"] > limits.max_members:
+            raise ArchiveLimitError(f"the tree {top} another user owns holds more than "
+                                    f"{human_size(limits.max_bytes)} or {limits.max_members} entries (at {name}); "
+                                    "if it is a genuine root filesystem, raise NSBOX_ROOTFS_MAX_BYTES or "
+                                    "NSBOX_ROOTFS_MAX_MEMBERS")
+
+    def info_of(name: str, st: os.stat_result, kind: bytes) -> tarfile.TarInfo:
+        info = tarfile.TarInfo(name)
+        info.type, info.mode, info.uid, info.gid = kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
+        info.mtime = st.st_mtime
+        return info
+
+    def walk(tar: tarfile.TarFile, fd: int, rel: str) -> None:
+        for entry in sorted(os.listdir(fd)):
+            name = f"{rel}/{entry}" if rel else entry
+            st = os.stat(entry, dir_fd=fd, follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode):
+                charge(0, name)
+                sub = os.open(entry, _O_DIR, dir_fd=fd)
+                try:
+                    if os.fstat(sub).st_ino != st.st_ino:
+                        raise RootfsError(f"{top}/{name} changed while it was copied; try again")
+                    tar.addfile(info_of(name, st, tarfile.DIRTYPE))
+                    walk(tar, sub, name)
+                finally:
+                    os.close(sub)
+            elif stat.S_ISLNK(st.st_mode):
+                charge(0, name)
+                info = info_of(name, st, tarfile.SYMTYPE)
+                info.linkname = os.readlink(entry, dir_fd=fd)
+                tar.addfile(info)
+            elif stat.S_ISREG(st.st_mode):
+                if st.st_nlink > 1 and (st.st_dev, st.st_ino) in seen:
+                    charge(0, name)
+                    info = info_of(name, st, tarfile.LNKTYPE)
+                    info.linkname = seen[(st.st_dev, st.st_ino)]
+                    tar.addfile(info)
+                    continue
+                charge(st.st_size, name)
+                file_fd = os.open(entry, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=fd)
+                with os.fdopen(file_fd, "rb") as f:
+                    now = os.fstat(file_fd)
+                    if not stat.S_ISREG(now.st_mode) or now.st_ino != st.st_ino:
+                        raise RootfsError(f"{top}/{name} changed while it was copied; try again")
+                    info = info_of(name, st, tarfile.REGTYPE)
+                    info.size = st.st_size  # tarfile reads exactly this much, or fails if it shrank
+                    tar.addfile(info, f)
+                seen[(st.st_dev, st.st_ino)] = name
+
+    archive_block = 4096  # every entry costs a block at least, as archive.py counts them
     try:
-        with tarfile.open(dest, "w", format=tarfile.PAX_FORMAT) as tar:
-            tar.add(top, arcname=".")
+        root = os.open(top, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # the path the user gave
+        try:
+            with tarfile.open(dest, "w", format=tarfile.PAX_FORMAT) as tar:
+                walk(tar, root, "")
+        finally:
+            os.close(root)
     except OSError as exc:
         raise RootfsError(f"cannot read {exc.filename or top} to copy the tree {top} another user owns: "
                           f"{exc.strerror}; make it readable to you, or own it (chown -R)") from None
