@@ -60,5 +60,12 @@ class RemoteNotFound(RootfsError):
     """The server has no such file (HTTP 404 or 410)."""
 
 
+def hide_our_frames(excinfo: object) -> bool:
+    """pytest's `__tracebackhide__` for the modules of the public API: an error of ours is a
+    sentence with its cause and fix, shown at the test's own line; the validator's source under it
+    only buries it. Anything else (a bug of ours) keeps its frames."""
+    return isinstance(getattr(excinfo, "value", None), NsboxError)
+
+
 class NsboxWarning(UserWarning):
     """Something works, but not as asked: a cap lower than asked for, say."""

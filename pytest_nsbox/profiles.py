@@ -32,8 +32,9 @@ def find_pyproject(start: Path) -> Path | None:
     return None
 
 
-def load(path: Path | None) -> dict[str, dict[str, Any]]:
-    """Every profile of `path`, checked: ConfigError names the file, the table and the key."""
+def load(path: Path | None) -> dict[str, dict[str, Any] | ConfigError]:
+    """Every profile of `path`, checked: a bad one is kept as the ConfigError (naming the file, the
+    table and the key) that `pick` raises for it, so that one mistake fails only its own users."""
     if path is None:
         return {}
     try:
@@ -51,8 +52,12 @@ def load(path: Path | None) -> dict[str, dict[str, Any]]:
     for name, table in tables.items():
         where = f"{path} [tool.nsbox.profiles.{name}]"
         if not isinstance(table, dict):
-            raise ConfigError(f"{where} must be a table of Sandbox(...) keywords")
-        profiles[name] = _checked(table, where, path.parent)
+            profiles[name] = ConfigError(f"{where} must be a table of Sandbox(...) keywords")
+            continue
+        try:
+            profiles[name] = _checked(table, where, path.parent)
+        except ConfigError as exc:
+            profiles[name] = exc
     return profiles
 
 
@@ -74,11 +79,14 @@ def _checked(table: dict[str, Any], where: str, base: Path) -> dict[str, Any]:
     return settings
 
 
-def pick(profiles: dict[str, dict[str, Any]], name: object, path: Path | None, asked_by: str,
+def pick(profiles: dict[str, dict[str, Any] | ConfigError], name: object, path: Path | None, asked_by: str,
          searched: Path | None = None) -> dict[str, Any]:
     """The settings of profile `name`, or a ConfigError listing those there are (`searched`: where
     the search for a pyproject.toml started, named when there is none)."""
-    if not isinstance(name, str) or name not in profiles:
+    if not isinstance(name, str):
+        raise ConfigError(f"{asked_by}: a profile is the name of a [tool.nsbox.profiles.NAME] table, a str, "
+                          f"not {name!r}")
+    if name not in profiles:
         table = f"[tool.nsbox.profiles.{name}]" if isinstance(name, str) else "[tool.nsbox.profiles.NAME]"
         if path is None:
             above = f" at or above {searched}" if searched else ""
@@ -87,4 +95,7 @@ def pick(profiles: dict[str, dict[str, Any]], name: object, path: Path | None, a
         there = ", ".join(sorted(profiles)) or "none"
         raise ConfigError(f"{asked_by}: no sandbox profile {name!r} in {path} (profiles: {there}); "
                           f"define it as {table}")
-    return dict(profiles[name])
+    found = profiles[name]
+    if isinstance(found, ConfigError):
+        raise ConfigError(str(found))
+    return dict(found)

@@ -16,7 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
-from .errors import ConfigError
+from .errors import ConfigError, hide_our_frames
+
+# pytest shows a bad setting's error at the test's line, without the validator under it.
+__tracebackhide__ = hide_our_frames
 
 #: Overlayfs takes up to 500 lower layers; far fewer keep its mount options short.
 MAX_LAYERS = 64

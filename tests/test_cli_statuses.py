@@ -49,10 +49,11 @@ def test_a_missing_cwd_is_nsboxs_error_and_names_the_directory():
 
 def test_a_missing_program_is_127_and_one_that_cannot_run_126():
     missing = nsbox("run", "--", "no-such-program")
-    assert missing.returncode == 127 and "exec no-such-program" in missing.stderr
+    assert missing.returncode == 127
+    assert missing.stderr == "nsbox: no-such-program: not found on the sandbox's PATH; give its full path, or a --rootfs or --layer that has it\n"
     not_executable = nsbox("run", "--", "/etc/passwd")
     assert not_executable.returncode == 126 and "Traceback" not in not_executable.stderr
-    assert "exec /etc/passwd: EACCES" in not_executable.stderr
+    assert not_executable.stderr == "nsbox: /etc/passwd: cannot be executed in the sandbox: EACCES (Permission denied)\n"
 
 
 def test_the_end_of_the_lifetime_is_124_and_one_line_saying_so():

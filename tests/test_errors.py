@@ -4,6 +4,7 @@ silent fallback.  Each test here is one way a user was left guessing."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -255,3 +256,37 @@ def test_a_failed_check_shows_the_tests_line_not_subprocesss(pytester):
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(['*sandbox.run("exit 3", check=True)*', "*CalledProcessError*"])
     assert "def check_returncode" not in result.stdout.str()
+
+
+def test_a_bad_argument_is_shown_at_the_tests_line_not_in_our_code(pytester):
+    # Before: a bad argument's ConfigError came with 10-40 lines of sandbox.py, process.py or
+    # services.py source (the validator's frame), where errors from the sandbox showed none.
+    calls = ["sandbox.wait_for_port('abc')", "sandbox.wait_for_port(8000, timeout=-1)",
+             "sandbox.run('true', env={'A=B': '1'})", "sandbox.run(['true'], timeout='5')",
+             "sandbox.spawn('true', stdout='PIPE')", "sandbox.port(0)", "sandbox.run(42)",
+             "sandbox.write_file('/root/x', 42)", "sandbox.run('cat', input=42)",
+             "sandbox.wait_until(42)", "sandbox.run('true', errors='nope')",
+             "sandbox.port(8080).url(3)", "Sandbox(memory_max='1X')"]
+    pytester.makepyfile("from pytest_nsbox import Sandbox\n\n" + "\n".join(
+        f"def test_{number}(sandbox, sandbox_factory):\n    {call}\n" for number, call in enumerate(calls)))
+    result = pytester.runpytest_subprocess()
+    result.assert_outcomes(failed=len(calls))
+    blocks = re.split(r"^_+ test_\d+ _+$", result.stdout.str(), flags=re.M)[1:]
+    for call, block in zip(calls, blocks):
+        traceback = block.split("- nsbox sandbox commands", 1)[0]
+        assert f">       {call}" in traceback, block
+        assert "pytest_nsbox/" not in traceback and "raise ConfigError" not in traceback, block
+        assert re.search(r"^E   +pytest_nsbox\.errors\.ConfigError: ", traceback, re.M), block
+
+
+@pytest.mark.parametrize("data", [42, [1, 2], None, 3.5])
+def test_data_that_is_neither_text_nor_bytes_is_refused_not_written(sandbox, data):
+    # Before: write_file(path, 42) wrote 42 NUL bytes, as bytes(42) makes, and run(input=42) sent them.
+    with pytest.raises(ConfigError, match=r"write_file\(data=.*\): the data is a str or bytes"):
+        sandbox.write_file("/root/x", data)
+    assert sandbox.run("test -e /root/x").returncode == 1
+    if data is not None:  # input=None is no input, as in subprocess
+        with pytest.raises(ConfigError, match=r"run\(input=.*\): the input is a str or bytes"):
+            sandbox.run("cat", input=data)
+    assert sandbox.write_file("/root/y", bytearray(b"ok")) is None
+    assert sandbox.read_file("/root/y") == "ok"

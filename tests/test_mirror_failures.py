@@ -157,6 +157,9 @@ def test_a_refused_connection_is_the_mirror_not_the_network(tmp_path):
     message = str(caught.value)
     assert "refused the connection" in message and "--nsbox-alpine-mirror" in message
     assert "where there is network" not in message and "nsbox rootfs pull" not in message
+    # Before: "the mirror was reached but failed: try again later", of a mirror never reached.
+    assert "was reached" not in message and "try again later" not in message
+    assert "nothing answers there: check the mirror http://127.0.0.1:9/alpine or use another mirror" in message
 
 
 def test_a_release_missing_from_the_mirror_says_which_and_how_to_choose(tmp_path, mirror):
@@ -164,9 +167,11 @@ def test_a_release_missing_from_the_mirror_says_which_and_how_to_choose(tmp_path
     with pytest.raises(RootfsError) as caught:
         RootfsStore(tmp_path / "cache", mirror.url).resolve("alpine:3.20.3")
     message = str(caught.value)
-    assert message.startswith(f"alpine:3.20.3: no such Alpine release 3.20.3 (x86_64) on {mirror.url}")
-    assert "HTTP 404" in message and "pinned releases: 3.19.4, 3.20.3" in message
-    assert re.search(r"ask for one of these .*or use a mirror that has 3\.20\.3: --nsbox-alpine-mirror", message)
+    # 3.20.3 is pinned: every Alpine mirror keeps it, so the mirror is the thing to change.
+    assert message.startswith(f"alpine:3.20.3: {mirror.url} has no Alpine 3.20.3 (x86_64)")
+    assert "HTTP 404" in message and "a release every Alpine mirror keeps" in message
+    assert "ask for one of these" not in message
+    assert re.search(r"is it an Alpine mirror\? Use one that has 3\.20\.3: --nsbox-alpine-mirror", message)
 
 
 def test_a_url_rootfs_that_is_not_found_points_at_the_url(tmp_path, mirror):
@@ -229,3 +234,14 @@ def test_a_bad_download_timeout_in_the_environment_is_a_sentence(tmp_path, mirro
     monkeypatch.setenv("NSBOX_DOWNLOAD_TIMEOUT", "soon")
     with pytest.raises(ConfigError, match=r"NSBOX_DOWNLOAD_TIMEOUT takes a positive number of seconds, not 'soon'"):
         RootfsStore(tmp_path / "cache", mirror.url).resolve("alpine:3.20.3")
+
+
+def test_a_mirror_that_is_not_an_alpine_mirror_says_so_and_how_to_choose(tmp_path, mirror):
+    # Before: "latest-releases.yaml lists no alpine-minirootfs for x86_64", naming neither the
+    # mirror nor a fix, for a URL that answers with something else (a captive portal, a web page).
+    (mirror.root / "v3.20/releases/x86_64/latest-releases.yaml").write_text("<html>sign in</html>\n")
+    with pytest.raises(RootfsError) as caught:
+        RootfsStore(tmp_path / "cache", mirror.url).resolve("alpine:3.20")
+    message = str(caught.value)
+    assert f"{mirror.url}/v3.20/releases/x86_64/latest-releases.yaml lists no alpine-minirootfs" in message
+    assert f"is {mirror.url} an Alpine mirror?" in message and "--nsbox-alpine-mirror" in message

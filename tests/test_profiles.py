@@ -86,6 +86,32 @@ def test_bad_profile_content_names_the_file_the_table_and_the_key(pytester, pypr
     assert message in result.stdout.str() and "Traceback" not in result.stdout.str()
 
 
+def test_a_bad_profile_fails_only_the_tests_that_use_it(pytester):
+    pytester.makefile(".toml", pyproject=PYPROJECT.replace("[tool.nsbox.profiles.tight]",
+                                                           '[tool.nsbox.profiles.bad]\nnetwrk = "host"\n\n'
+                                                           "[tool.nsbox.profiles.tight]"))
+    (pytester.path / "data").mkdir()
+    pytester.makepyfile(textwrap.dedent("""
+        import pytest
+
+        @pytest.mark.sandbox(profile="tight")
+        def test_good(sandbox):
+            assert sandbox.limits.pids_max == 16
+
+        @pytest.mark.sandbox(profile="bad")
+        def test_bad(sandbox):
+            pass
+
+        @pytest.mark.sandbox(profile=3)
+        def test_not_a_name(sandbox):
+            pass
+    """))
+    result = pytester.runpytest_subprocess("-p", "no:randomly")
+    result.assert_outcomes(passed=1, errors=2)
+    result.stdout.fnmatch_lines(["*[[]tool.nsbox.profiles.bad]: unknown key 'netwrk'*",
+                                 "*a profile is the name of a [[]tool.nsbox.profiles.NAME] table, a str, not 3*"])
+
+
 def test_an_unknown_profile_lists_the_known_ones(project):
     project.makepyfile(textwrap.dedent("""
         import pytest

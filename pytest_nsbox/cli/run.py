@@ -186,8 +186,15 @@ def _not_started(box: Any, exc: OSError) -> int:
     if exc.filename is None:  # not the program's fault: the sandbox failed to start it
         print(f"nsbox: cannot start the command in the sandbox: {exc}", file=sys.stderr)
         return SETUP_FAILED
-    print(f"nsbox: {exc}", file=sys.stderr)
-    return NOT_FOUND if isinstance(exc, FileNotFoundError) else NOT_EXECUTABLE
+    program = exc.filename
+    if isinstance(exc, FileNotFoundError):
+        where = "" if "/" in str(program) else " on the sandbox's PATH"
+        print(f"nsbox: {program}: not found{where}; give its full path, or a --rootfs or --layer that has it",
+              file=sys.stderr)
+        return NOT_FOUND
+    print(f"nsbox: {program}: cannot be executed in the sandbox: {errno.errorcode.get(exc.errno or 0, '?')} "
+          f"({os.strerror(exc.errno or 0)})", file=sys.stderr)
+    return NOT_EXECUTABLE
 
 
 def _exit_status(box: Any, code: int, started: float) -> int:

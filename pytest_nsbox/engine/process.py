@@ -10,8 +10,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any, Union
 
-from ..errors import ConfigError
+from ..errors import ConfigError, hide_our_frames
 from . import services
+
+# pytest shows our errors at the test's line, without this module's validators under them.
+__tracebackhide__ = hide_our_frames
 
 if TYPE_CHECKING:
     import re
@@ -374,10 +377,15 @@ class _Capture:
         return data
 
 
-def encode(data: str | bytes | None) -> bytes:
+def encode(data: str | bytes | None, what: str = "run(input=...): the input") -> bytes:
     if data is None:
         return b""
-    return data.encode() if isinstance(data, str) else bytes(data)
+    if isinstance(data, str):
+        return data.encode()
+    # Only what open().write() takes: bytes(42) would be 42 NUL bytes, bytes([1, 2]) two bytes.
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ConfigError(what.replace("...", repr(data), 1) + f" is a str or bytes, not {type(data).__name__}")
+    return bytes(data)
 
 
 def tail(data: bytes, lines: int = 10) -> str:

@@ -18,7 +18,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, NsboxWarning, SandboxClosed, SandboxSetupError, SandboxUnavailable
+from ..errors import (ConfigError, NsboxWarning, SandboxClosed, SandboxSetupError, SandboxUnavailable,
+                      hide_our_frames)
 from ..rootfs.store import Rootfs, resolve
 from ..settings import BASE_ENV, DEFAULT_OUTPUT_MAX, DEFAULT_PIDS_MAX, Mount, SandboxSettings
 from . import caps, protocol, saving, services
@@ -36,6 +37,9 @@ FILE_TIMEOUT = 60.0
 _UNSET: Any = object()  # run(output_max=None) means "no cap", so "not given" needs its own value
 #: The sandboxes this process holds open: an isolated test keeps their descriptors (isolate/descriptors.py).
 _LIVE: weakref.WeakSet[Sandbox] = weakref.WeakSet()
+
+# pytest shows our errors at the test's line, without this module's validators under them.
+__tracebackhide__ = hide_our_frames
 
 
 def _output_max(value: int | str | None) -> int | None:
@@ -571,7 +575,10 @@ class Sandbox:
         __tracebackhide__ = True
         if mode is not None and (isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o7777):
             raise ConfigError(f"write_file(mode={mode!r}): a mode is an int from 0 to 0o7777, such as 0o644")
-        self._move("write", path, mode, encode(data), timeout, None)
+        what = "write_file(data=...): the data"
+        if data is None:  # open().write(None) is a TypeError, not an empty file
+            raise ConfigError(what.replace("...", "None", 1) + " is a str or bytes, not None")
+        self._move("write", path, mode, encode(data, what), timeout, None)
 
     def read_file(self, path: str | os.PathLike[str], text: bool = True, *,
                   timeout: float | None = FILE_TIMEOUT) -> str | bytes:
@@ -654,7 +661,10 @@ def _argv(args: Command, shell: bool | None = None) -> list[str]:
     if isinstance(args, (str, os.PathLike)):
         argv = [os.fspath(args)]
     else:
-        argv = [os.fspath(a) for a in args]
+        try:
+            argv = [os.fspath(a) for a in args]
+        except TypeError:  # not a sequence, or an item that is no path: say what a command is
+            argv = []
         if not argv or not all(isinstance(a, str) for a in argv):
             raise ConfigError(f"a command is a str (run by /bin/sh -c) or a non-empty list of str, not {args!r}")
     if any("\0" in a for a in argv):

@@ -32,7 +32,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
-from ..errors import ConfigError, ServerNotReady
+from ..errors import ConfigError, ServerNotReady, hide_our_frames
+
+# pytest shows our errors at the test's line, without this module's validators under them.
+__tracebackhide__ = hide_our_frames
 
 #: Bytes one direction of a relayed connection reads at once (smaller ones slow bulk transfers).
 BUFFER_SIZE = 1 << 18
@@ -55,7 +58,7 @@ class PublishedPort(NamedTuple):
         return f"{self.host}:{self.port}"
 
     def url(self, scheme: str = "http", path: str = "/") -> str:
-        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*", scheme or ""):
+        if not isinstance(scheme, str) or not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*", scheme):
             from ..errors import ConfigError
             raise ConfigError(f"url({scheme!r}): the first argument is the scheme, such as 'http'; give a "
                               f"path as url(path={scheme!r})")

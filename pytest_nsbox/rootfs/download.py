@@ -38,15 +38,21 @@ def size(n: int | None) -> str:
     return f"{n} bytes" if n < 100_000 else f"{n / 1e6:.1f} MB"
 
 
-def _network_error(message: str, unreachable: bool = False) -> NetworkError:
+def _network_error(message: str, unreachable: bool = False, refused: bool = False) -> NetworkError:
     error = NetworkError(message)
     error.unreachable = unreachable  # type: ignore[attr-defined]
+    error.refused = refused  # type: ignore[attr-defined]
     return error
 
 
 def unreachable(exc: BaseException) -> bool:
     """Whether a download failed for want of a network (rather than the server failing)."""
     return bool(getattr(exc, "unreachable", False))
+
+
+def refused(exc: BaseException) -> bool:
+    """Whether nothing listened at the URL's host and port: a wrong URL more often than a failing server."""
+    return bool(getattr(exc, "refused", False))
 
 
 def _open(url: str, timeout: float):
@@ -82,7 +88,8 @@ def _connect_error(url: str, reason: object, timeout: float) -> NetworkError:
         return _network_error(f"GET {url}: {host} cannot be reached ({reason.strerror}: no network?)",
                               unreachable=True)
     if isinstance(reason, ConnectionRefusedError):
-        return _network_error(f"GET {url}: {host} refused the connection (nothing serves that port)")
+        return _network_error(f"GET {url}: {host} refused the connection (nothing serves that port)",
+                              refused=True)
     if isinstance(reason, ssl.SSLError):
         return _network_error(f"GET {url}: the TLS handshake with {host} failed ({_reason(reason)})")
     return _network_error(f"GET {url}: {_reason(reason)}", unreachable=True)

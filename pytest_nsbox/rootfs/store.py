@@ -265,7 +265,12 @@ class RootfsStore:
             text = self._fetch_text(key, url)
         except RemoteNotFound:
             raise self._no_such_release(key, branch, arch, pins) from None
-        release = alpine.latest_minirootfs(text, arch)
+        try:
+            release = alpine.latest_minirootfs(text, arch)
+        except RootfsError:  # the server answered, with something else (a portal's page, a typo's site)
+            raise RootfsError(f"{key}: {url} lists no alpine-minirootfs for {arch}: is {self.mirror} an Alpine "
+                              f"mirror? (it serves v{branch}/releases/{arch}/latest-releases.yaml); "
+                              f"{alpine.ANOTHER_MIRROR}") from None
         pinned = pins.digest(release.version, arch)
         if pinned and release.sha256 and pinned != release.sha256:
             raise RootfsError(f"the mirror {self.mirror} lists alpine {release.version} ({arch}) with SHA-256 "
@@ -308,6 +313,12 @@ class RootfsStore:
                 if branches:
                     known.append(f"branches on the mirror: {', '.join(branches)}")
         known.append(f"pinned releases: {', '.join(pins.versions(arch)) or 'none for ' + arch}")
+        if version in pins.versions(arch):
+            # A release we pin is one every Alpine mirror has: this mirror is not one, or lags.
+            return RootfsError(f"{key}: {self.mirror} has no Alpine {version} ({arch})"
+                               + (f" ({why})" if why else "") + ", a release every Alpine mirror keeps; "
+                               + "; ".join(known[:-1] or ["it lists nothing there"])
+                               + f"; is it an Alpine mirror? Use one that has {version}: {alpine.MIRROR_OPTIONS}")
         return RootfsError(f"{key}: no such Alpine release {version} ({arch}) on {self.mirror}"
                            + (f" ({why})" if why else "") + "; " + "; ".join(known)
                            + "; ask for one of these (alpine:X.Y.Z, or alpine:X.Y for the newest of a "
@@ -377,12 +388,14 @@ class RootfsStore:
         elsewhere only where there may be no network, since that is no fix where there is."""
         import shlex
 
-        from .download import unreachable
+        from .download import refused, unreachable
         check = "check the URL" if url_spec else f"check the mirror {self.mirror} or {alpine.ANOTHER_MIRROR}"
         if unreachable(exc):
             fix = (f"without network, fill the cache where there is network (`nsbox rootfs pull "
                    f"{shlex.quote(key)} --cache-dir {shlex.quote(str(self.cache_dir))}`) or use a local "
                    f"tarball (--nsbox-rootfs=PATH); with network, {check}")
+        elif refused(exc):  # never reached: a typo in the host or port, or a server not started
+            fix = f"nothing answers there: {check} (its host and port)"
         elif url_spec and isinstance(exc, RemoteNotFound):
             fix = "the server has no file there: check the URL"
         elif url_spec:
