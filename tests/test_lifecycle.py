@@ -60,10 +60,17 @@ OWNER = textwrap.dedent("""
 """)
 
 
+def _interruptible() -> None:
+    """SIGINT as a terminal delivers it: a shell's background job (how a CI runner may start the
+    suite) inherits it ignored, and Python then leaves it ignored instead of raising KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
 def test_sandbox_dies_with_its_owner(sig, alpine_tarball, cache_dir):
     owner = subprocess.Popen([sys.executable, "-c", OWNER, str(alpine_tarball), str(cache_dir)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=_interruptible)
     try:
         line = owner.stdout.readline()
         assert line, owner.stderr.read()
@@ -134,7 +141,7 @@ def test_pytest_killed_mid_test_leaves_nothing(pytester, sig):
                 f.write(sandbox.namespaces["pid"])
             time.sleep(300)
     """))
-    owner = pytester.popen([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q"],
+    owner = pytester.popen([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q"], preexec_fn=_interruptible,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         ns_file = pytester.path / "ns.txt"
