@@ -18,7 +18,10 @@ from pytest_nsbox.settings import parse_size
 
 from .helpers import alive, commands_of, sandbox_processes, wait_until
 
-FORK_BOMB = "bomb() { bomb | bomb & }; bomb; exec sleep 30"  # exec: no fork left to fail
+# The shell forks the bomb once, before there is anything to fill the cap, then execs: no fork of its
+# own is left to fail (busy, the bomb's first pipeline could fill the cap between the shell's two
+# forks of `bomb | bomb`, and a non-interactive ash exits when a fork fails).
+FORK_BOMB = "(bomb() { bomb | bomb & }; bomb) & exec sleep 30"
 ROOT = caps.is_global_root()
 
 

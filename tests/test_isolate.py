@@ -463,7 +463,7 @@ def test_a_sandbox_inside_an_isolated_test_is_capped(pytester):
             box = sandbox_factory()  # made in the test's call, inside its sandbox
             assert box.limits.pids_mechanism == "rlimit", box.limits.describe()
             with pytest.raises(subprocess.TimeoutExpired):
-                box.run("bomb() { bomb | bomb & }; bomb; exec sleep 60", timeout=2)
+                box.run("(bomb() { bomb | bomb & }; bomb) & exec sleep 60", timeout=2)
             assert box.run(["echo", "alive"]).stdout == "alive\\n"
     """))
     pytester.runpytest_subprocess("--nsbox-isolate").assert_outcomes(passed=1)
