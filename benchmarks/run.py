@@ -458,7 +458,7 @@ def run_owner(tree: str, count: int, ballast_mb: int) -> dict:
 def run_threads(tree: str, per_thread: int, threads: int) -> dict:
     from pytest_nsbox import Sandbox
     from pytest_nsbox.rootfs.store import Rootfs
-    rootfs = _image_over(tree) if name == "nsbox, cached 3-layer image" else Rootfs(tree, Path(tree))
+    rootfs = Rootfs(tree, Path(tree))
     latencies: list[float] = []
     lock = threading.Lock()
 
@@ -541,7 +541,7 @@ def bench_idle(tree: str, runner: list[str], count: int) -> dict:
 def run_idle(tree: str, count: int) -> None:
     from pytest_nsbox import Sandbox
     from pytest_nsbox.rootfs.store import Rootfs
-    rootfs = _image_over(tree) if name == "nsbox, cached 3-layer image" else Rootfs(tree, Path(tree))
+    rootfs = Rootfs(tree, Path(tree))
     Sandbox(rootfs=rootfs).start().close()
     time.sleep(0.3)
     print(json.dumps({"kernel_kb": _kernel_kb(), "anon_kb": _anon_kb()}), flush=True)
@@ -596,7 +596,7 @@ def bench_soak(tree: str, runner: list[str], count: int) -> dict:
 def run_soak(tree: str, count: int) -> dict:
     from pytest_nsbox import Sandbox
     from pytest_nsbox.rootfs.store import Rootfs
-    rootfs = _image_over(tree) if name == "nsbox, cached 3-layer image" else Rootfs(tree, Path(tree))
+    rootfs = Rootfs(tree, Path(tree))
 
     def once() -> None:
         with Sandbox(rootfs=rootfs) as box:
