@@ -133,3 +133,11 @@ def test_the_marker_and_the_cli_take_image_specs(pytester, layout):
     result = subprocess.run([sys.executable, "-m", "pytest_nsbox", "run", "--rootfs", f"oci:{layout}:app"],
                             capture_output=True, text=True, timeout=60)
     assert result.stdout == "hello from the image world\n", result.stderr
+
+
+def test_a_hard_link_to_a_lower_layers_file_is_named_not_blamed_on_the_cache(tmp_path, cache, alpine_tarball):
+    root = tmp_path / "linked"
+    oci_layout(root, [alpine_layer(alpine_tarball), layer_tar([Entry("etc/os-copy", kind="link", target="etc/os-release")])])
+    with pytest.raises(RootfsError, match=r"'etc/os-copy' is a hard link to 'etc/os-release', which the archive "
+                                          r"does not hold before it \(an image layer may link only"):
+        Sandbox(rootfs=f"oci:{root}", cache_dir=cache).start()

@@ -371,8 +371,13 @@ class Sandbox:
         return (f"its init (pid {self.init_pid}) was killed from outside the sandbox "
                 "(nothing inside may signal it)")
 
+    @property
+    def _image(self) -> Any:  # -> rootfs.oci.ImageConfig | None
+        """The config of the image the sandbox runs over, if it runs over one."""
+        return self.rootfs.image if self.rootfs else None
+
     def _exposed_port(self) -> int:
-        image = self.rootfs.image if self.rootfs else None
+        image = self._image
         if image is None or not image.exposed_ports:
             what = "its image exposes no TCP port" if image else "it is no image"
             raise ConfigError(f"port() needs a port number here: {what}")
@@ -380,7 +385,7 @@ class Sandbox:
 
     def _image_command(self) -> list[str]:
         """What the image runs when it is given no command (`docker run IMAGE`)."""
-        image = self.rootfs.image if self.rootfs else None
+        image = self._image
         if image is None:
             raise ConfigError("a command is needed: only a sandbox over an image has one of its own")
         if not image.command:
@@ -527,13 +532,13 @@ class Sandbox:
 
     def _cwd(self) -> str:
         """The settings' cwd; over an image whose WorkingDir is set, that, unless cwd was given."""
-        image = self.rootfs.image if self.rootfs else None
+        image = self._image
         if image is not None and image.working_dir and self.settings.cwd == "/":
             return image.working_dir
         return self.settings.cwd
 
     def _env(self, extra: Mapping[str, str] | None) -> dict[str, str]:
-        image = dict(self.rootfs.image.env) if self.rootfs and self.rootfs.image else {}
+        image = dict(self._image.env) if self._image else {}
         env = {**BASE_ENV, **image, **self.settings.env, **(extra or {})}
         bad = [k for k, v in env.items() if not isinstance(k, str) or not isinstance(v, str) or "=" in k or not k]
         if bad:

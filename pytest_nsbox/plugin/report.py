@@ -142,9 +142,8 @@ def _cache_of(sb: Sandbox) -> str | None:
         cache = str(sb.rootfs.tree.parent.parent)  # <cache>/trees/sha256-<digest>
     else:
         return None
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    fresh = os.path.join(xdg, "pytest-nsbox")
-    return None if os.path.realpath(cache) == os.path.realpath(fresh) else cache
+    from ..rootfs.store import xdg_cache_dir
+    return None if os.path.realpath(cache) == os.path.realpath(xdg_cache_dir()) else cache
 
 
 class Keeper:

@@ -573,12 +573,18 @@ def _extract_member(tar: tarfile.TarFile, member: tarfile.TarInfo, parts: tuple[
             os.symlink(member.linkname, name, dir_fd=parent)
         elif member.islnk():
             src_parts = member_parts(member.linkname)
-            src_parent = _walk(root_fd, src_parts[:-1], member.name)
             try:
-                os.link(src_parts[-1], name, src_dir_fd=src_parent, dst_dir_fd=parent,
-                        follow_symlinks=False)
-            finally:
-                os.close(src_parent)
+                src_parent = _walk(root_fd, src_parts[:-1], member.name)
+                try:
+                    os.link(src_parts[-1], name, src_dir_fd=src_parent, dst_dir_fd=parent,
+                            follow_symlinks=False)
+                finally:
+                    os.close(src_parent)
+            except FileNotFoundError:
+                # Not a write failure of the cache: the archive links to something it does not hold.
+                raise UnsafeArchiveError(f"archive member {_shown(member.name)} is a hard link to "
+                                         f"{_shown(member.linkname)}, which the archive does not hold before "
+                                         "it (an image layer may link only to files of its own layer)") from None
         else:
             _write_file(tar, member, name, parent)
         if not member.islnk():

@@ -111,6 +111,11 @@ def default_cache_dir() -> Path:
     env = os.environ.get("NSBOX_CACHE_DIR")
     if env:
         return Path(env)
+    return xdg_cache_dir()
+
+
+def xdg_cache_dir() -> Path:
+    """The default cache without NSBOX_CACHE_DIR: what `nsbox` uses in a fresh shell."""
     xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(xdg) / "pytest-nsbox"
 
