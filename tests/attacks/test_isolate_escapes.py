@@ -326,6 +326,8 @@ def test_a_test_that_fakes_its_end_leaves_nothing_running_into_the_next(pytester
                     with open(log, "a") as f:
                         f.write("x")
                     time.sleep(0.005)
+            while not log.exists():  # the writer is running before the test claims to be over
+                time.sleep(0.001)
             protocol._end_the_rest = lambda: True
             os._exit = lambda status: time.sleep(5)
 
