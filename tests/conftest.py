@@ -105,3 +105,18 @@ def alpine_tarball() -> pathlib.Path:
 @pytest.fixture
 def cache_dir() -> pathlib.Path:
     return pathlib.Path(os.environ["NSBOX_CACHE_DIR"])
+
+
+@pytest.fixture(autouse=True)
+def _prune_caches_of_many_ids(request):
+    """A cache a test made in its tmp_path may hold image trees that the user's subordinate ids
+    own, which pytest's own cleanup of old tmp dirs cannot remove: prune them, as a user would
+    (`nsbox rootfs prune`), when the test ends."""
+    tmp = request.getfixturevalue("tmp_path") if "tmp_path" in request.fixturenames else None
+    yield
+    if tmp is None:
+        return
+    from pytest_nsbox.rootfs.store import RootfsStore
+    for trees in [*tmp.glob("*/trees"), *tmp.glob("*/*/trees")]:
+        if any("-ids-" in p.name for p in trees.iterdir()):
+            RootfsStore(trees.parent).prune()

@@ -59,15 +59,24 @@ class Init:
     # -- setup ------------------------------------------------------------------------------
     def setup(self) -> None:
         spec = self.spec
-        try:
-            kernel.write_id_maps(spec["uid"], spec["gid"])
-        except kernel.KernelError as exc:
-            exc.unavailable = True  # type: ignore[attr-defined]
-            raise
+        host_opened = None
+        if spec.get("idmap"):
+            message, _fds = protocol.receive(self.sock)  # the spawner maps our ranges (spawner.py)
+            if message is None or message.get("op") != "mapped":
+                raise kernel.KernelError(errno.EPERM, "map the sandbox's ids", None,
+                                         "the spawner could not write them")
+            host_opened = _become_root
+        else:
+            try:
+                kernel.write_id_maps(spec["uid"], spec["gid"])
+            except kernel.KernelError as exc:
+                exc.unavailable = True  # type: ignore[attr-defined]
+                raise
         size = spec["tmpfs_size"]
         layout.build(spec["tree"], [layout.BindSpec(*b) for b in spec["mounts"]],
                      host_network=spec["network"] == "host", tmpfs_size=size,
-                     host_root=spec.get("host_root", False), layers=spec.get("layers", ()))
+                     host_root=spec.get("host_root", False), layers=spec.get("layers", ()),
+                     host_opened=host_opened)
         layout.set_hostname(spec["hostname"])
         sysctls = layout.ipc_sysctls(size)
         if spec["network"] == "none":
@@ -253,20 +262,30 @@ class Init:
             return
         stdio = _stdio_slots(message["stdio"], fds)
         limit = self.spec["memory_max"] if self.spec.get("memory_mechanism") == "rlimit" else None
+        idmap = self.spec.get("idmap")
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        go_r, go_w = os.pipe2(os.O_CLOEXEC) if idmap else (-1, -1)
         try:
             pid, pidfd = kernel.clone(COMMAND_FLAGS, what="start a command")
         except OSError as exc:
-            os.close(err_r)
-            os.close(err_w)
+            for fd in (err_r, err_w, go_r, go_w):
+                if fd >= 0:
+                    os.close(fd)
             self._failed(request_id, exc.errno or 0, self._clone_failure(exc, argv))
             return
         if pid == 0:
-            _become(path, argv, env, cwd, stdio, err_w, limit, bool(message.get("tty")), moves)
+            _become(path, argv, env, cwd, stdio, err_w, limit, bool(message.get("tty")), moves,
+                    go_r, None if moves else message.get("user", self.spec.get("user")))
         os.close(pidfd)
         os.close(err_w)
         try:
-            said = _hear_from(err_r, pid)
+            said: bytes | None = b""
+            if idmap:
+                os.close(go_r)
+                said = self._grant_ids(pid, err_r, go_w, idmap)
+            if said is not None:
+                rest = _hear_from(err_r, pid)
+                said = None if rest is None else said + rest
         finally:
             os.close(err_r)
         if said is None:
@@ -284,6 +303,24 @@ class Init:
         self.commands[pid] = tag
         protocol.send(self.sock, {"op": "started", "id": request_id, "pid": pid})
 
+    def _grant_ids(self, pid: int, err_r: int, go_w: int, idmap: dict[str, Any]) -> bytes | None:
+        """Map the command's namespace once it has told its tag: many ids are granted from the
+        parent namespace (a process may map only itself), here init's.  What it said so far, a
+        failure appended if it could not be mapped; None if it never said its tag."""
+        try:
+            said = _hear_from(err_r, pid, most=8)
+            if said is None or len(said) < 8:
+                return said
+            try:
+                kernel.map_ranges(pid, idmap["nested"], helpers=False, proc=self.proc)
+            except OSError as exc:
+                _kill(pid, signal.SIGKILL)
+                return said + marshal.dumps((exc.errno or 0, f"cannot start the command: {exc}", ""))
+            os.write(go_w, b"g")
+            return said
+        finally:
+            os.close(go_w)
+
     def _clone_failure(self, exc: OSError, argv: list[str]) -> str:
         if exc.errno == errno.EAGAIN and self.spec.get("pids_max"):
             return (f"cannot start {argv[0]}: the sandbox has reached its pids_max of "
@@ -297,18 +334,26 @@ class Init:
 
 
 def _become(path: str, argv: list[str], env: dict[str, str], cwd: str, stdio: list[int | None],
-            err_w: int, memory_limit: int | None, tty: bool = False, moves: list | None = None) -> None:
+            err_w: int, memory_limit: int | None, tty: bool = False, moves: list | None = None,
+            go_r: int = -1, user: list | None = None) -> None:
     """In the cloned child, in its own user and mount namespaces: become the command.  Never returns.
 
     Until exec this process is a copy of init, and like init not dumpable, so not even init may
-    read its /proc/N/ns: it tells init its tag itself.  It must become dumpable to write its own id
-    maps (a non-dumpable process's /proc files belong to the host's root); that opens it to no
-    other command, because tracing a process in another user namespace takes CAP_SYS_PTRACE there.
+    read its /proc/N/ns: it tells init its tag itself.  It must become dumpable for its id maps to
+    be written, by itself or by init (a non-dumpable process's /proc files belong to the host's
+    root); that opens it to no other command, because tracing a process in another user namespace
+    takes CAP_SYS_PTRACE there.  With many ids (`go_r`), init maps them, and then lets it go on;
+    `user` is [uid, gid, groups] to run as (the image's User).
     """
     try:
-        os.write(err_w, os.stat("/proc/self/ns/user").st_ino.to_bytes(8, "little"))
         kernel.set_dumpable(True)
-        kernel.write_id_maps(0, 0)  # root here is the sandbox's root, and nothing more
+        os.write(err_w, os.stat("/proc/self/ns/user").st_ino.to_bytes(8, "little"))
+        if go_r >= 0:
+            if os.read(go_r, 1) != b"g":
+                os._exit(127)  # init could not map us, and says so itself
+            os.close(go_r)
+        else:
+            kernel.write_id_maps(0, 0)  # root here is the sandbox's root, and nothing more
         # An out-of-memory kill in the sandbox's cgroup must take a command, never init: shared
         # memory (tmpfs) counts to no process, so init, the biggest, would look the best victim.
         _write_file("/proc/self/oom_score_adj", COMMAND_OOM_SCORE_ADJ)
@@ -328,6 +373,13 @@ def _become(path: str, argv: list[str], env: dict[str, str], cwd: str, stdio: li
         signal.set_wakeup_fd(-1)
         for sig in (signal.SIGPIPE, signal.SIGXFSZ):  # ignored by Python; exec keeps that
             signal.signal(sig, signal.SIG_DFL)
+        if user is not None:
+            uid, gid, groups = user
+            os.setgroups(groups)
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)  # and with it every capability goes
+        elif go_r >= 0:
+            os.setgroups([])  # init's (none): setgroups is allowed here, as images need
         os.chdir(cwd)
         if moves:
             # A file transfer (transfer.py): this process does it itself, and never execs.  Init
@@ -344,20 +396,31 @@ def _become(path: str, argv: list[str], env: dict[str, str], cwd: str, stdio: li
     os._exit(127)
 
 
-def _hear_from(fd: int, pid: int) -> bytes | None:
+def _become_root() -> None:
+    """With many ids, once the host's paths are open: root's init is still host root, which its
+    namespace does not map (files it made would be nobody's); become the namespace's root, and
+    leave the host's supplementary groups (nobody's, inside) behind."""
+    os.setresgid(0, 0, 0)
+    os.setgroups([])
+    os.setresuid(0, 0, 0)
+
+
+def _hear_from(fd: int, pid: int, most: int = 1 << 20) -> bytes | None:
     """What a command's process says before it execs (its tag, then why exec failed, if it did),
-    until it closes its end; None, once it is killed, if that took more than EXEC_PATIENCE."""
+    until it closes its end or has said `most` bytes; None, once it is killed, if that took more
+    than EXEC_PATIENCE."""
     said = b""
     deadline = time.monotonic() + EXEC_PATIENCE
-    while True:
+    while len(said) < most:
         left = deadline - time.monotonic()
         if left <= 0 or not select.select([fd], [], [], left)[0]:
             _kill(pid, signal.SIGKILL)
             return None
-        chunk = os.read(fd, 4096)
+        chunk = os.read(fd, min(4096, most - len(said)))
         if not chunk:
             return said
         said += chunk
+    return said
 
 
 def _transfer_and_exit(moves: list) -> None:

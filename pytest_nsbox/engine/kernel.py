@@ -450,6 +450,65 @@ def write_id_maps(uid: int, gid: int, inner_uid: int = 0, inner_gid: int = 0, pi
                           hints.userns_refused() if exc.errno in (errno.EPERM, errno.EACCES) else "") from None
 
 
+#: The distribution's setuid helpers (package uidmap), which grant the ranges of /etc/subuid and
+#: /etc/subgid; only their absolute paths, never a PATH lookup.
+NEWUIDMAP = "/usr/bin/newuidmap"
+NEWGIDMAP = "/usr/bin/newgidmap"
+
+
+def map_ranges(pid: int, ranges: dict, helpers: bool, proc: int | None = None) -> None:
+    """Give the user namespace of process `pid` (a child namespace of ours) the id ranges
+    `ranges` = {"uid": [[inside, outside, count], ...], "gid": [...]}, from outside it.
+
+    With `helpers`, newuidmap/newgidmap write them (a normal user's /etc/subuid ranges); else we
+    do, holding CAP_SETUID and CAP_SETGID over the parent namespace (host root; a sandbox's init
+    for its commands).  setgroups stays allowed: an image's programs switch groups.  The kernel
+    wants each line to fall within one line of the parent's map, so nested maps repeat its lines."""
+    if helpers:
+        for tool, kind in ((NEWUIDMAP, "uid"), (NEWGIDMAP, "gid")):
+            _run_helper(tool, [str(pid), *(str(n) for line in ranges[kind] for n in line)])
+        return
+    for kind in ("uid", "gid"):
+        text = "".join(f"{inside} {outside} {count}\n" for inside, outside, count in ranges[kind])
+        path = f"{pid}/{kind}_map" if proc is not None else f"/proc/{pid}/{kind}_map"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC, dir_fd=proc)
+            try:
+                os.write(fd, text.encode())
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise KernelError(exc.errno or errno.EPERM, f"write the {kind} ranges {text.strip()!r}",
+                              f"/proc/{pid}/{kind}_map") from None
+
+
+def _run_helper(tool: str, args: list[str]) -> None:
+    """Run newuidmap/newgidmap with a clean environment and wait; its complaint is the error."""
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    try:
+        child = os.posix_spawn(tool, [tool, *args], {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+                               file_actions=[(os.POSIX_SPAWN_DUP2, err_w, 2),
+                                             (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+                                             (os.POSIX_SPAWN_OPEN, 1, "/dev/null", os.O_WRONLY, 0)])
+    except OSError as exc:
+        os.close(err_r)
+        os.close(err_w)
+        raise KernelError(exc.errno or errno.ENOENT, "run", tool,
+                          "install the package uidmap (apt install uidmap)") from None
+    os.close(err_w)
+    said = b""
+    try:
+        while len(said) < 4096 and (chunk := os.read(err_r, 4096)):
+            said += chunk
+    finally:
+        os.close(err_r)
+    _, status = os.waitpid(child, 0)
+    if status != 0:
+        text = said.decode(errors="replace").strip().replace("\n", "; ") or f"wait status {status}"
+        raise KernelError(errno.EPERM, "run " + " ".join([tool, *args]), None,
+                          f"it said: {text}. The ranges must be yours in /etc/subuid and /etc/subgid")
+
+
 def _write(path: str, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     try:

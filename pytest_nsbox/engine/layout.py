@@ -33,7 +33,7 @@ from .kernel import MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_PRIVATE, MS_REC
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: the spawner must not import typing (see spawner.py)
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 DEV_LINKS = {"fd": "/proc/self/fd", "stdin": "/proc/self/fd/0", "stdout": "/proc/self/fd/1",
@@ -65,13 +65,15 @@ class BindSpec:
 
 
 def build(tree: str, binds: list[BindSpec], host_network: bool, tmpfs_size: int,
-          host_root: bool = False, layers: Sequence[str] = ()) -> None:
+          host_root: bool = False, layers: Sequence[str] = (),
+          host_opened: Callable[[], None] | None = None) -> None:
     """Make the sandbox's root and pivot into it.  Raises KernelError naming the failed step.
 
     The root is an overlay: `layers` (lowest first) over `tree`, all read-only, under a writable
     upper layer on the staging tmpfs.  With `host_root`, the root is a read-only recursive clone of
     the host's own tree instead (the `host` rootfs spec): nothing is copied, nothing of the host
-    can be written.
+    can be written.  Every host path is opened first; then `host_opened` is called (root's init,
+    mapping many ids, leaves host root there, who alone may walk root's private directories).
     """
     kernel.mount(None, "/", None, MS_REC | MS_PRIVATE, operation="make mounts private")
     if host_network:
@@ -83,6 +85,8 @@ def build(tree: str, binds: list[BindSpec], host_network: bool, tmpfs_size: int,
         kernel.set_mount_attributes(lower, MOUNT_ATTR_RDONLY | HOST_MOUNT_ATTRIBUTES, recursive=True)
     else:
         lowers = [_open_tree_dir(path) for path in (tree, *layers)]
+    if host_opened is not None:
+        host_opened()
 
     inodes = max(4096, tmpfs_size // 4096)
     # Its root is never reachable from inside: after the pivot only the places carved out of it are.

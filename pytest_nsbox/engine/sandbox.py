@@ -140,8 +140,13 @@ class Sandbox:
                                                                         self.settings.cache_dir)
         self.layers = [layer if isinstance(layer, Rootfs) else resolve(layer, self.settings.cache_dir, layer=True)
                        for layer in self.settings.layers]
-        if self.rootfs.image is not None:
+        ids, user = self.rootfs.ids, None
+        if self.rootfs.image is not None and ids is None:
             _warn_of_users(self.rootfs)
+        elif self.rootfs.image is not None and ids is not None:
+            from ..rootfs import users
+            user = users.resolve(self.rootfs.image.user, [self.rootfs.tree, *self.rootfs.lowers],
+                                 self.rootfs.spec, ids.size)
         if self.layers and self.rootfs.host:
             raise ConfigError("the 'host' rootfs takes no layers: it is the host's tree, read-only, "
                               "not an overlay")
@@ -157,6 +162,8 @@ class Sandbox:
             "timeout": self.settings.timeout,
             "tmpfs_size": self.settings.tmpfs_size,
             "seccomp": self.settings.seccomp,
+            "idmap": {**ids.to_json(), "nested": ids.nested()} if ids else None,
+            "user": list(user) if user else None,
         }
         __tracebackhide__ = True
         self._spawner = Spawner.get()
@@ -383,6 +390,19 @@ class Sandbox:
             raise ConfigError(f"port() needs a port number here: {what}")
         return image.exposed_ports[0]
 
+    def _user_ids(self, user: str | int) -> list | None:
+        """[uid, gid, groups] for `user` over this sandbox's image, None for root."""
+        rootfs = self.rootfs
+        if user in ("root", 0, "0", "0:0", "root:root"):
+            return None
+        if rootfs is None or rootfs.ids is None:
+            from . import idmap
+            raise ConfigError(f"user={user!r}: this sandbox maps one uid, root, because "
+                              f"{idmap.unavailable() or 'its rootfs is not an image'}")
+        from ..rootfs import users
+        found = users.resolve(str(user), [rootfs.tree, *rootfs.lowers], rootfs.spec, rootfs.ids.size)
+        return list(found) if found else None
+
     def _image_command(self) -> list[str]:
         """What the image runs when it is given no command (`docker run IMAGE`)."""
         image = self._image
@@ -396,7 +416,7 @@ class Sandbox:
     def spawn(self, args: Command | None = None, *, stdin: Any = None, stdout: Any = None, stderr: Any = None,
               env: Mapping[str, str] | None = None, cwd: str | None = None,
               text: bool = True, shell: bool | None = None, tty: bool = False,
-              errors: str = "replace") -> SandboxProcess:
+              errors: str = "replace", user: str | int | None = None) -> SandboxProcess:
         """Start a command and return at once, like `subprocess.Popen`.
 
         stdin/stdout/stderr take None (stdin: /dev/null; stdout/stderr: this process's own, so
@@ -407,7 +427,9 @@ class Sandbox:
         terminal: job control and ^C work as in a login shell (`nsbox shell` does this).  With
         `text`, output is decoded as UTF-8 with `errors` ("replace": undecodable bytes become U+FFFD;
         "strict", "surrogateescape", ... as in `subprocess`); `text=False` gives bytes.  Over an
-        image, no `args` runs the image's own command (its Entrypoint and Cmd).
+        image, no `args` runs the image's own command (its Entrypoint and Cmd), and commands run as
+        its `User`; `user` ("root", a name of its /etc/passwd, "uid:gid") runs this one as another,
+        as `docker exec --user` does, where the sandbox maps many ids (docs/images.md).
         """
         __tracebackhide__ = True
         self._live_channel()
@@ -415,20 +437,24 @@ class Sandbox:
         if args is None:
             args = self._image_command()
         return self._start(args, _argv(args, shell), stdin, stdout, stderr, env, cwd, text, tty,
-                           errors=errors)
+                           errors=errors, user=user)
 
     def _start(self, args: Command, argv: list[str], stdin: Any, stdout: Any, stderr: Any,
                env: Mapping[str, str] | None, cwd: str | None, text: bool, tty: bool,
-               transfer: list[Any] | None = None, errors: str = "replace") -> SandboxProcess:
+               transfer: list[Any] | None = None, errors: str = "replace",
+               user: str | int | None = None) -> SandboxProcess:
         """Start a command — or, with `transfer`, our own file transfer (transfer.py)."""
         __tracebackhide__ = True
         channel = self._live_channel()
+        ids = self._user_ids(user) if user is not None else _UNSET
         streams = Streams.make(stdin, stdout, stderr)
         request_id = channel.next_id()
         message = {"op": "exec", "id": request_id, "argv": argv, "env": self._env(env),
                    "cwd": cwd or self._cwd(), "stdio": streams.layout(), "tty": bool(tty)}
         if transfer is not None:
             message["transfer"] = transfer
+        if ids is not _UNSET:
+            message["user"] = ids
         try:
             channel.send(message, streams.child_fds)
         finally:
@@ -457,7 +483,8 @@ class Sandbox:
             env: Mapping[str, str] | None = None, cwd: str | None = None,
             timeout: float | None = None, check: bool = False, text: bool = True,
             capture_output: bool = True, shell: bool | None = None,
-            output_max: int | str | None = _UNSET, errors: str = "replace") -> subprocess.CompletedProcess:
+            output_max: int | str | None = _UNSET, errors: str = "replace",
+            user: str | int | None = None) -> subprocess.CompletedProcess:
         """Run a command to completion, like `subprocess.run(..., capture_output=True)`.
 
         A `str` runs through `/bin/sh -c` (see `spawn` for `shell`).  On timeout every process the
@@ -465,7 +492,7 @@ class Sandbox:
         `CalledProcessError`.  Of each of stdout and stderr, the first `output_max` bytes are kept
         (default: the sandbox's setting, 64 MiB); the rest is read and dropped, and a line saying
         how much ends the text.  `capture_output=False` leaves them to this process's own.
-        `errors` says what becomes of bytes that are not UTF-8 (see `spawn`).
+        `errors` says what becomes of bytes that are not UTF-8, and `user` who runs it (see `spawn`).
         """
         __tracebackhide__ = True
         limit = self.settings.output_max if output_max is _UNSET else _output_max(output_max)
@@ -475,7 +502,8 @@ class Sandbox:
         before = self._cgroup.stats() if self._cgroup else {}
         captured = PIPE if capture_output else None
         process = self.spawn(args, stdin=PIPE if input is not None else None, stdout=captured,
-                             stderr=captured, env=env, cwd=cwd, text=text, shell=shell, errors=errors)
+                             stderr=captured, env=env, cwd=cwd, text=text, shell=shell, errors=errors,
+                             user=user)
         effective = self._effective_timeout(timeout)
         try:
             stdout, stderr = process._communicate(input, effective, limit)
@@ -684,15 +712,16 @@ _WARNED_USERS: set[str] = set()
 
 def _warn_of_users(rootfs: Rootfs) -> None:
     """Say, once per image, that an image made to run as another user runs as root here."""
+    from . import idmap
     user = rootfs.image.user if rootfs.image else ""
     if user in ("", "0", "root", "0:0", "root:root") or rootfs.spec in _WARNED_USERS:
         return
     _WARNED_USERS.add(rootfs.spec)
     warnings.warn(NsboxWarning(
-        f"nsbox: the image {rootfs.spec} runs as user {user!r}, but a sandbox maps one uid: its commands "
-        "run as root (uid 0) and every file of the image is root's. Programs that switch users themselves "
-        "(setuid, gosu, su-exec, postgres's initdb) fail; mapping an image's many uids (/etc/subuid ranges "
-        "through newuidmap) is not supported yet"), stacklevel=3)
+        f"nsbox: the image {rootfs.spec} runs as user {user!r}, but its sandbox maps one uid, because "
+        f"{idmap.unavailable()}. So its commands run as root (uid 0), every file of the image is root's, "
+        "and programs that switch users themselves (setuid, gosu, su-exec, postgres's initdb) fail"),
+        stacklevel=3)
 
 
 def _check_errors(errors: object) -> None:

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import ConfigError, RootfsError
+from ..errors import ConfigError, RootfsError, SandboxSetupError
 from .process import PIPE
 
 if TYPE_CHECKING:
@@ -65,7 +65,8 @@ def _save_into(box: Sandbox, directory: int, target: Path, most: int, where: str
     excluded = ["./proc", "./sys", "./dev", *(f".{m.target.rstrip('/')}" for m in box.settings.mounts)]
     argv = ["tar", "-c", "-f", "-", *(f"--exclude={path}" for path in excluded), "-C", "/", "."]
     try:
-        tar = box.spawn(argv, stdout=PIPE, stderr=PIPE, text=False, shell=False)
+        tar = box.spawn(argv, stdout=PIPE, stderr=PIPE, text=False, shell=False,
+                        user="root")  # an image's User may not read everything
     except FileNotFoundError:
         raise RootfsError(f"{where}: it has no `tar` to make the tarball with") from None
     partial = None
@@ -250,13 +251,28 @@ def _tree_bytes(tree: Path) -> int:
     key = str(tree)
     if key not in _tree_sizes:
         total, stack = 0, [key]
-        while stack:
-            with os.scandir(stack.pop()) as entries:
-                for entry in entries:
-                    total += _HEADER
-                    if entry.is_dir(follow_symlinks=False):
-                        stack.append(entry.path)
-                    elif entry.is_file(follow_symlinks=False):
-                        total += entry.stat(follow_symlinks=False).st_size
+        try:
+            while stack:
+                with os.scandir(stack.pop()) as entries:
+                    for entry in entries:
+                        total += _HEADER
+                        if entry.is_dir(follow_symlinks=False):
+                            stack.append(entry.path)
+                        elif entry.is_file(follow_symlinks=False):
+                            total += entry.stat(follow_symlinks=False).st_size
+        except PermissionError:
+            # A layer whose directories the image's other users own (many ids): the size the
+            # store counted it at when it extracted it, which is never less.
+            total = _recorded_size(tree)
         _tree_sizes[key] = total
     return _tree_sizes[key]
+
+
+def _recorded_size(tree: Path) -> int:
+    import json
+    try:
+        with open(tree.with_name(tree.name + ".json")) as f:
+            return int(json.load(f)["size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise SandboxSetupError(f"cannot size {tree} to save it: a directory in it is not readable, and "
+                                "the cache records no size for it") from None

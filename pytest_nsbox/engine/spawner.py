@@ -185,7 +185,16 @@ class Spawner:
         theirs.close()
         if cgroup_fd >= 0:
             os.close(cgroup_fd)
-        self.inits[pid] = cgroup
+        self.inits[pid] = cgroup  # reaping init removes the cgroup, whatever happens next
+        if spec.get("idmap"):
+            try:
+                self._map(pid, spec["idmap"], ours)
+            except OSError:
+                _kill_init(pidfd)
+                ours.close()
+                if go_w >= 0:
+                    os.close(go_w)
+                raise
         if go_r >= 0:
             os.close(go_r)
             self._place(pid, cgroup, go_w)
@@ -193,6 +202,13 @@ class Spawner:
                              "cgroup": cgroup.dirs if cgroup else None,
                              "cgroup_version": cgroup.version if cgroup else None,
                              "tmpfs_size": size}
+
+    @staticmethod
+    def _map(pid: int, idmap: dict[str, Any], ours: socket.socket) -> None:
+        """An image's many ids: written from out here (init cannot grant itself more than one id),
+        then init hears that it may go on; it waits for this before anything else."""
+        kernel.map_ranges(pid, idmap, idmap["helpers"])
+        protocol.send(ours, {"op": "mapped"})
 
     @staticmethod
     def _place(pid: int, cgroup: caps.SandboxCgroup, go: int) -> None:

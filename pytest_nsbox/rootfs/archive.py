@@ -20,7 +20,8 @@ point outside the tree by nature, so no host-side code follows any link inside a
 pass writes by walking directory descriptors with O_NOFOLLOW (a member that would be written
 through a symlink is refused, in the first pass already), the /bin/sh check resolves links against
 the tree's root, and removal and Sandbox.save's sizing never follow one. Files are owned by the
-calling user; setuid and setgid bits are dropped.
+calling user — or, with `owners` (inside a user namespace that maps that many ids: mapped.py), by
+the ids the archive names, which must all be below `owners`; setuid and setgid bits are dropped.
 
 An image layer (`oci=True`) is extracted as overlayfs lays layers: `.wh.NAME` becomes a whiteout
 (a 0/0 character device, which the kernel lets anyone make) hiding NAME in the layers below, and
@@ -109,7 +110,7 @@ OPAQUE = ".wh..wh..opq"
 
 
 def extract(archive: Path, dest: Path, source: str | None = None, limits: Limits | None = None,
-            oci: bool = False) -> int:
+            oci: bool = False, owners: int = 0) -> int:
     """Extract `archive` into the empty directory `dest`, never following a link on the host;
     with `oci`, as an image layer (whiteouts, opaque directories: see above).
 
@@ -121,7 +122,7 @@ def extract(archive: Path, dest: Path, source: str | None = None, limits: Limits
     limits = limits or Limits.from_env()
     try:
         total = _survey(archive, source, limits, oci)
-        _write(archive, dest, source, limits, oci)
+        _write(archive, dest, source, limits, oci, owners)
     except ArchiveLimitError:
         raise
     except UnsafeArchiveError as exc:
@@ -353,7 +354,7 @@ def _write_layer_only(member: tarfile.TarInfo, parts: tuple[str, ...], root_fd: 
         os.close(parent)
 
 
-def _write(archive: Path, dest: Path, source: str, limits: Limits, oci: bool = False) -> None:
+def _write(archive: Path, dest: Path, source: str, limits: Limits, oci: bool = False, owners: int = 0) -> None:
     root_fd = os.open(dest, _O_DIR)
     root_mode = 0o755
     dir_modes: list[tuple[tuple[str, ...], int]] = []
@@ -370,7 +371,7 @@ def _write(archive: Path, dest: Path, source: str, limits: Limits, oci: bool = F
                 if oci and _layer_only(member, parts):
                     _write_layer_only(member, parts, root_fd)
                     continue
-                _extract_member(tar, member, parts, root_fd, dir_modes)
+                _extract_member(tar, member, parts, root_fd, dir_modes, owners)
         # Directories get their real modes last, so that a read-only one could still be filled.
         for parts, mode in reversed(dir_modes):
             fd = _walk(root_fd, parts, member="/".join(parts))
@@ -556,7 +557,10 @@ def _walk(root_fd: int, parts: tuple[str, ...], member: str, create: bool = Fals
 
 
 def _extract_member(tar: tarfile.TarFile, member: tarfile.TarInfo, parts: tuple[str, ...],
-                    root_fd: int, dir_modes: list[tuple[tuple[str, ...], int]]) -> None:
+                    root_fd: int, dir_modes: list[tuple[tuple[str, ...], int]], owners: int = 0) -> None:
+    if owners and (member.uid >= owners or member.gid >= owners) and not member.islnk():
+        raise UnsafeArchiveError(f"archive member {_shown(member.name)} is owned by {member.uid}:{member.gid}, "
+                                 f"beyond the ids 0..{owners - 1} that a sandbox maps")
     parent = _walk(root_fd, parts[:-1], member.name, create=True)
     name = parts[-1]
     try:
@@ -566,6 +570,8 @@ def _extract_member(tar: tarfile.TarFile, member: tarfile.TarInfo, parts: tuple[
             except FileExistsError:
                 if not stat.S_ISDIR(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode):
                     raise UnsafeArchiveError(f"archive member {member.name!r} replaces a non-directory")
+            if owners:
+                os.chown(name, member.uid, member.gid, dir_fd=parent, follow_symlinks=False)
             dir_modes.append((parts, member.mode & 0o1777 | 0o700))
             return
         _unlink_existing(name, parent)
@@ -588,6 +594,8 @@ def _extract_member(tar: tarfile.TarFile, member: tarfile.TarInfo, parts: tuple[
         else:
             _write_file(tar, member, name, parent)
         if not member.islnk():
+            if owners:  # after the data and the mode: a chown drops setuid bits, which we drop anyway
+                os.chown(name, member.uid, member.gid, dir_fd=parent, follow_symlinks=False)
             mtime = int(member.mtime * 10**9)  # a float in PAX archives (Python's tarfile makes them)
             os.utime(name, ns=(mtime, mtime), dir_fd=parent, follow_symlinks=False)
     finally:

@@ -66,6 +66,7 @@ _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _MAX_SYMLINKS = 40  # as the kernel's path walk
 _T = TypeVar("_T")
 if TYPE_CHECKING:
+    from ..engine.idmap import IdMap
     from .oci import ImageConfig
 
 
@@ -83,6 +84,8 @@ class Rootfs:
     #: An image's layers above `tree` (its bottom layer), bottom first; and its config.
     lowers: tuple[Path, ...] = ()
     image: ImageConfig | None = None
+    #: The many ids the trees were made for (their files' owners); None: one, the user's.
+    ids: IdMap | None = None
 
     def describe(self) -> str:
         parts = [self.spec]
@@ -609,21 +612,23 @@ class RootfsStore:
         return RootfsError(f"{label}: cannot write {path}: {exc.strerror or exc}; {fix}")
 
     def _materialize(self, key: str, digest: str, produce: Callable[[Path], None], meta: dict,
-                     whole: bool = True, exact: bool = True, oci: bool = False) -> Path:
+                     whole: bool = True, exact: bool = True, oci: bool = False,
+                     ids: IdMap | None = None) -> Path:
         """Make trees/sha256-<digest> exist, once, whoever else is trying at the same time.  A
         `whole` root filesystem without /bin/sh is refused before it is cached.  `exact`: the
         archive `produce` writes must have `digest` as its sha256 (else `digest` names what it
-        was made from).  `oci`: an image layer, with whiteouts (archive.py)."""
-        tree = self.trees / f"sha256-{digest}"
+        was made from).  `oci`: an image layer, with whiteouts (archive.py).  `ids`: with its
+        owners, for a sandbox that maps those ids (mapped.py): a tree of its own per map."""
+        tree = self.trees / (f"sha256-{digest}-{ids.key}" if ids else f"sha256-{digest}")
         if self._tree_ready(tree):
             return tree
         spill = self._spill()
         if spill is not None:
-            return spill._materialize(key, digest, produce, meta, whole, exact, oci)
+            return spill._materialize(key, digest, produce, meta, whole, exact, oci, ids)
         self._open_cache(create=True)
         try:
             with self._locked(self.trees / f"{tree.name}.lock"):
-                return self._materialize_locked(tree, digest, produce, meta, whole, exact, oci)
+                return self._materialize_locked(tree, digest, produce, meta, whole, exact, oci, ids)
         except OSError as exc:
             # A full disk or an unwritable cache, not a bug: say where, and what to do.
             raise self._write_error(key, self.trees, exc) from None
@@ -642,7 +647,8 @@ class RootfsStore:
         return _spills[place]
 
     def _materialize_locked(self, tree: Path, digest: str, produce: Callable[[Path], None],
-                            meta: dict, whole: bool, exact: bool = True, oci: bool = False) -> Path:
+                            meta: dict, whole: bool, exact: bool = True, oci: bool = False,
+                            ids: IdMap | None = None) -> Path:
         import tempfile
 
         from . import archive
@@ -657,7 +663,12 @@ class RootfsStore:
             if exact and file_sha256(tarball) != digest:
                 raise RootfsError(f"{meta['source']} changed while it was being cached; try again")
             staging = Path(tempfile.mkdtemp(prefix=f"{tree.name}.tmp-", dir=self.trees))
-            size = archive.extract(tarball, staging, source=meta["source"], oci=oci)
+            if ids:
+                from . import mapped
+                size = mapped.extract(tarball, staging, meta["source"], ids)
+                meta = {**meta, "ids": ids.describe()}
+            else:
+                size = archive.extract(tarball, staging, source=meta["source"], oci=oci)
             if whole:
                 check_tree(staging, meta["source"])
             _write_json(tree.with_name(tree.name + ".json"),
@@ -669,15 +680,15 @@ class RootfsStore:
             with suppress(OSError):
                 os.unlink(tarball)
             if staging is not None:
-                with suppress(OSError):
-                    remove_tree(staging)
+                with suppress(OSError, RootfsError):
+                    _remove(staging)
         return tree
 
     def _sweep(self, entry: str) -> None:
         """Remove what killed processes left of `entry`; we hold its lock, so none is in flight."""
         for pattern in (f"{entry}.tmp-*", f"{entry}.trash-*"):
             for stale in self.trees.glob(pattern):
-                remove_tree(stale)
+                _remove(stale)
 
     def _resolutions(self) -> dict:
         path = self.cache_dir / "resolutions.json"
@@ -731,7 +742,7 @@ class RootfsStore:
                     os.rename(entry.tree, trash)
                     with suppress(FileNotFoundError):
                         os.unlink(json_path)
-                remove_tree(trash)
+                _remove(trash)
             except OSError as exc:
                 raise self._write_error("nsbox rootfs prune", entry.tree, exc) from None
             removed.append(entry)
@@ -746,7 +757,7 @@ class RootfsStore:
                 os.rename(trash, claimed)  # two sweepers: one wins the rename, the other moves on
             except FileNotFoundError:
                 continue
-            remove_tree(claimed)
+            _remove(claimed)
 
 
 _default_stores: dict[tuple[str, str, bool], RootfsStore] = {}
@@ -818,6 +829,19 @@ def _lstat_in_tree(root: Path, path: str) -> os.stat_result | str:
         if todo and not stat.S_ISDIR(found.st_mode):
             return f"/{'/'.join(current)} is not a directory"
     return found if found is not None else os.lstat(root)
+
+
+def _remove(path: Path) -> None:
+    """remove_tree, or, for a tree many of the user's ids own (mapped.py), the same as their root."""
+    try:
+        remove_tree(path)
+    except PermissionError:
+        from ..engine import idmap
+        ids = idmap.available()
+        if ids is None or not ids.helpers:
+            raise
+        from . import mapped
+        mapped.remove(path, ids)
 
 
 def remove_tree(path: Path) -> None:
