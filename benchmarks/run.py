@@ -181,7 +181,9 @@ def _image_over(tree: str):  # -> Rootfs
     layers = [base.read_bytes(), layer_tar([Entry("srv/app", b"app\n"), Entry("etc/app.conf", b"x = 1\n")]),
               layer_tar([Entry("etc/.wh.motd", b""), Entry("srv/version", b"2\n")])]
     oci_layout(work / "layout", layers)
-    return RootfsStore(work / "cache", offline=True).resolve(f"oci:{work / 'layout'}")
+    store = RootfsStore(work / "cache", offline=True)
+    atexit.register(store.prune)  # first: trees of many ids are removed as their root (mapped.py)
+    return store.resolve(f"oci:{work / 'layout'}")
 
 
 def spawner_pid() -> int | None:
