@@ -375,6 +375,8 @@ def _become(path: str, argv: list[str], env: dict[str, str], cwd: str, stdio: li
             signal.signal(sig, signal.SIG_DFL)
         if user is not None:
             uid, gid, groups = user
+            if min(uid, gid, *groups) < 0:  # setresuid(-1) would leave the command root
+                raise OSError(errno.EINVAL, "a negative id for the command's user")
             os.setgroups(groups)
             os.setresgid(gid, gid, gid)
             os.setresuid(uid, uid, uid)  # and with it every capability goes

@@ -26,7 +26,7 @@ def resolve(user: str, trees: list[Path], spec: str, ids: int) -> tuple[int, int
     name, _, group = user.partition(":")
     passwd = _table(trees, "etc/passwd", spec)
     uid = gid = None
-    if name.isdigit():
+    if _is_id(name):
         uid = int(name)
         entry = next((fields for fields in passwd if fields[2] == name), None)
     else:
@@ -34,15 +34,19 @@ def resolve(user: str, trees: list[Path], spec: str, ids: int) -> tuple[int, int
         if entry is None:
             raise ConfigError(f"the image {spec} runs as user {name!r}, which its /etc/passwd does not list")
     if entry is not None:
+        if not (_is_id(entry[2]) and _is_id(entry[3])):
+            # int("-1") is -1, and setresuid(-1) changes nothing: the command would stay root.
+            raise ConfigError(f"the image {spec} runs as user {name!r}, whose /etc/passwd line gives "
+                              f"{entry[2]!r}:{entry[3]!r}, not a uid and gid: fix the image's /etc/passwd")
         uid = int(entry[2]) if uid is None else uid
-        gid = int(entry[3]) if entry[3].isdigit() else 0
+        gid = int(entry[3])
     groups_table = _table(trees, "etc/group", spec)
     if group:
-        gid = int(group) if group.isdigit() else _group_id(groups_table, group, spec)
+        gid = int(group) if _is_id(group) else _group_id(groups_table, group, spec)
     assert uid is not None
     gid = 0 if gid is None else gid
     member_of = {int(fields[2]) for fields in groups_table
-                 if entry is not None and entry[0] in fields[3].split(",") and fields[2].isdigit()}
+                 if entry is not None and entry[0] in fields[3].split(",") and _is_id(fields[2])}
     groups = sorted(member_of | {gid})
     too_big = [n for n in (uid, gid, *groups) if n >= ids]
     if too_big:
@@ -51,9 +55,14 @@ def resolve(user: str, trees: list[Path], spec: str, ids: int) -> tuple[int, int
     return uid, gid, groups
 
 
+def _is_id(text: str) -> bool:
+    """Decimal ASCII digits, as /etc/passwd writes an id ("-1", "+70" and "٧٠" are not)."""
+    return text.isascii() and text.isdigit()
+
+
 def _group_id(table: list[list[str]], group: str, spec: str) -> int:
     for fields in table:
-        if fields[0] == group and fields[2].isdigit():
+        if fields[0] == group and _is_id(fields[2]):
             return int(fields[2])
     raise ConfigError(f"the image {spec} runs as group {group!r}, which its /etc/group does not list")
 
