@@ -199,3 +199,12 @@ def test_user_needs_a_sandbox_of_many_ids(sandbox):
     assert sandbox.run("id -u", user="root").stdout == "0\n"
     with pytest.raises(ConfigError, match=r"user='postgres': this sandbox maps one uid, root, because"):
         sandbox.run("true", user="postgres")
+
+
+def test_only_a_cache_entry_vouches_for_its_size(tmp_path):
+    """save() sizes an unreadable tree by what the cache recorded; a user's directory whose
+    neighbour happens to be NAME.json records nothing."""
+    from pytest_nsbox.rootfs.store import recorded_size
+    (tmp_path / "rootfs").mkdir()
+    (tmp_path / "rootfs.json").write_text('{"size": 1}')
+    assert recorded_size(tmp_path / "rootfs") is None

@@ -472,11 +472,7 @@ def map_ranges(pid: int, ranges: dict, helpers: bool, proc: int | None = None) -
         text = "".join(f"{inside} {outside} {count}\n" for inside, outside, count in ranges[kind])
         path = f"{pid}/{kind}_map" if proc is not None else f"/proc/{pid}/{kind}_map"
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC, dir_fd=proc)
-            try:
-                os.write(fd, text.encode())
-            finally:
-                os.close(fd)
+            _write(path, text, dir_fd=proc)
         except OSError as exc:
             raise KernelError(exc.errno or errno.EPERM, f"write the {kind} ranges {text.strip()!r}",
                               f"/proc/{pid}/{kind}_map") from None
@@ -509,8 +505,8 @@ def _run_helper(tool: str, args: list[str]) -> None:
                           f"it said: {text}. The ranges must be yours in /etc/subuid and /etc/subgid")
 
 
-def _write(path: str, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+def _write(path: str, text: str, dir_fd: int | None = None) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC, dir_fd=dir_fd)
     try:
         os.write(fd, text.encode())
     finally:

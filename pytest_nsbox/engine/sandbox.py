@@ -392,14 +392,14 @@ class Sandbox:
 
     def _user_ids(self, user: str | int) -> list | None:
         """[uid, gid, groups] for `user` over this sandbox's image, None for root."""
+        from ..rootfs import users
         rootfs = self.rootfs
-        if user in ("root", 0, "0", "0:0", "root:root"):
+        if str(user) in users.ROOT:
             return None
         if rootfs is None or rootfs.ids is None:
             from . import idmap
             raise ConfigError(f"user={user!r}: this sandbox maps one uid, root, because "
                               f"{idmap.unavailable() or 'its rootfs is not an image'}")
-        from ..rootfs import users
         found = users.resolve(str(user), [rootfs.tree, *rootfs.lowers], rootfs.spec, rootfs.ids.size)
         return list(found) if found else None
 
@@ -712,9 +712,10 @@ _WARNED_USERS: set[str] = set()
 
 def _warn_of_users(rootfs: Rootfs) -> None:
     """Say, once per image, that an image made to run as another user runs as root here."""
+    from ..rootfs.users import ROOT
     from . import idmap
     user = rootfs.image.user if rootfs.image else ""
-    if user in ("", "0", "root", "0:0", "root:root") or rootfs.spec in _WARNED_USERS:
+    if user in ROOT or rootfs.spec in _WARNED_USERS:
         return
     _WARNED_USERS.add(rootfs.spec)
     warnings.warn(NsboxWarning(

@@ -263,16 +263,11 @@ def _tree_bytes(tree: Path) -> int:
         except PermissionError:
             # A layer whose directories the image's other users own (many ids): the size the
             # store counted it at when it extracted it, which is never less.
-            total = _recorded_size(tree)
+            from ..rootfs.store import recorded_size
+            recorded = recorded_size(tree)
+            if recorded is None:
+                raise SandboxSetupError(f"cannot size {tree} to save it: a directory in it is not readable, "
+                                        "and it is no entry of a rootfs cache, which records its size") from None
+            total = recorded
         _tree_sizes[key] = total
     return _tree_sizes[key]
-
-
-def _recorded_size(tree: Path) -> int:
-    import json
-    try:
-        with open(tree.with_name(tree.name + ".json")) as f:
-            return int(json.load(f)["size"])
-    except (OSError, ValueError, KeyError, TypeError):
-        raise SandboxSetupError(f"cannot size {tree} to save it: a directory in it is not readable, and "
-                                "the cache records no size for it") from None

@@ -831,6 +831,17 @@ def _lstat_in_tree(root: Path, path: str) -> os.stat_result | str:
     return found if found is not None else os.lstat(root)
 
 
+def recorded_size(tree: Path) -> int | None:
+    """The size a cache entry was counted at when it was extracted (its .json); None for a tree
+    that is no entry of a cache (a directory of the user's, whose neighbour says nothing)."""
+    if tree.parent.name != "trees" or not tree.name.startswith("sha256-"):
+        return None
+    try:
+        return int(_read_json(tree.with_name(tree.name + ".json"))["size"])
+    except (OSError, RootfsError, KeyError, TypeError, ValueError):
+        return None
+
+
 def _remove(path: Path) -> None:
     """remove_tree, or, for a tree many of the user's ids own (mapped.py), the same as their root."""
     try:

@@ -16,13 +16,26 @@ from pathlib import Path
 from ..errors import ConfigError
 
 _MAX_BYTES = 4 << 20  # an /etc/passwd is kilobytes; a bigger one is not read whole
+#: The spellings of "root, as every command runs anyway".
+ROOT = frozenset({"", "root", "0", "root:root", "0:0"})
+Ids = tuple[int, int, list[int]]
+#: Layer trees never change once made (they are named by their digest), so neither do their
+#: users: resolved once per process, not at every sandbox's start.
+_resolved: dict[tuple[str, tuple[Path, ...], int], Ids | None] = {}
 
 
-def resolve(user: str, trees: list[Path], spec: str, ids: int) -> tuple[int, int, list[int]] | None:
+def resolve(user: str, trees: list[Path], spec: str, ids: int) -> Ids | None:
     """(uid, gid, supplementary groups) for `user` over `trees` (bottom layer first); None for
     root with no groups to add, which is how every command runs anyway."""
-    if user in ("", "root", "0", "root:root", "0:0"):
+    if user in ROOT:
         return None
+    key = (user, tuple(trees), ids)
+    if key not in _resolved:
+        _resolved[key] = _resolve(user, trees, spec, ids)
+    return _resolved[key]
+
+
+def _resolve(user: str, trees: list[Path], spec: str, ids: int) -> Ids | None:
     name, _, group = user.partition(":")
     passwd = _table(trees, "etc/passwd", spec)
     uid = gid = None
