@@ -27,6 +27,7 @@ class Entry(NamedTuple):
     target: str = ""
     mode: int = 0o644
     uid: int = 0
+    xattrs: tuple[tuple[str, bytes], ...] = ()  # as GNU tar and Docker write them: SCHILY.xattr.NAME
 
 
 def layer_tar(entries: list[Entry]) -> bytes:
@@ -36,6 +37,8 @@ def layer_tar(entries: list[Entry]) -> bytes:
         for entry in entries:
             info = tarfile.TarInfo(entry.name)
             info.mode, info.uid, info.gid, info.mtime = entry.mode, entry.uid, entry.uid, 1_700_000_000
+            info.pax_headers = {f"SCHILY.xattr.{name}": value.decode("utf-8", "surrogateescape")
+                                for name, value in entry.xattrs}
             data = None
             if entry.kind == "dir":
                 info.type, info.mode = tarfile.DIRTYPE, entry.mode if entry.mode != 0o644 else 0o755

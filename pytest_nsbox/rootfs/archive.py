@@ -36,6 +36,7 @@ directory, which no other user can enter, so its modes are only ever seen inside
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import stat
@@ -596,10 +597,34 @@ def _extract_member(tar: tarfile.TarFile, member: tarfile.TarInfo, parts: tuple[
         if not member.islnk():
             if owners:  # after the data and the mode: a chown drops setuid bits, which we drop anyway
                 os.chown(name, member.uid, member.gid, dir_fd=parent, follow_symlinks=False)
+                if member.isfile():
+                    _keep_capabilities(member, name, parent)  # after the chown, which drops them
             mtime = int(member.mtime * 10**9)  # a float in PAX archives (Python's tarfile makes them)
             os.utime(name, ns=(mtime, mtime), dir_fd=parent, follow_symlinks=False)
     finally:
         os.close(parent)
+
+
+def _keep_capabilities(member: tarfile.TarInfo, name: str, parent: int) -> None:
+    """A layer's file capabilities (`setcap`, as GNU tar and Docker record them), where the tree is
+    made by the root of a namespace of many ids (mapped.py): the kernel then stores them as that
+    root's (v3), so they mean nothing to host root.  Elsewhere they could not be written, and
+    inside a sandbox no_new_privs makes them inert anyway, as it does setuid bits: they are kept
+    so that the tree is the image's.  A value the kernel refuses is left out, as a device node is."""
+    value = member.pax_headers.get("SCHILY.xattr." + _CAPABILITY)
+    if value is None:
+        return
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+    try:
+        os.setxattr(fd, _CAPABILITY, value.encode("utf-8", "surrogateescape"))
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.EPERM, errno.ENOTSUP, errno.EOVERFLOW):
+            raise
+    finally:
+        os.close(fd)
+
+
+_CAPABILITY = "security.capability"
 
 
 def _write_file(tar: tarfile.TarFile, member: tarfile.TarInfo, name: str, parent: int) -> None:
