@@ -7,6 +7,7 @@ a user without."""
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 import textwrap
 import threading
@@ -129,6 +130,42 @@ def test_an_owner_beyond_the_map_is_refused(tmp_path, alpine_tarball):
     assert not [p for p in (tmp_path / "cache" / "trees").iterdir() if ".tmp-" in p.name]
 
 
+@many
+def test_every_user_of_the_image_may_ping_and_bind_low_ports_in_its_network(image, tmp_path):
+    """What an image's file capabilities are for (ping, a server on port 80 as its own user) works
+    without them, as on a host: for every group the sandbox maps, not only for root's."""
+    with Sandbox(rootfs=image, cache_dir=tmp_path / "cache", network="none") as box:
+        assert box.run("id -u").stdout == "70\n"
+        result = box.run("ping -c 1 -W 2 127.0.0.1")
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert box.run("nc -l -p 80 -w 1 & sleep 0.2; nc -z 127.0.0.1 80").returncode == 0
+
+
+#: security.capability, VFS_CAP_REVISION_2 with the effective flag: cap_net_raw+ep, as `setcap` writes it
+NET_RAW = struct.pack("<IIIII", 0x02000001, 1 << 13, 0, 0, 0)
+
+
+@many
+def test_file_capabilities_of_a_layer_are_kept_for_the_ranges_root_only(tmp_path, alpine_tarball):
+    """Images keep file capabilities where setuid bits used to be (Debian's ping, caddy): the layer's
+    `security.capability` is written by the range's root, so the kernel stores it for that root
+    (a v3 capability): it means nothing to host root, nor to any namespace but the range's."""
+    layer = layer_tar([Entry("usr/bin/pinger", b"#!/bin/sh\n", mode=0o755, xattrs=(("security.capability", NET_RAW),)),
+                       Entry("usr/bin/plain", b"#!/bin/sh\n", mode=0o755)])
+    oci_layout(tmp_path / "img", [alpine_layer(alpine_tarball), layer])
+    with Sandbox(rootfs=f"oci:{tmp_path / 'img'}", cache_dir=tmp_path / "cache") as box:
+        top = box.rootfs.lowers[-1]
+        assert box.run("ls -l /usr/bin/pinger").returncode == 0
+    assert IDS is not None
+    kept = os.getxattr(top / "usr/bin/pinger", "security.capability")
+    magic, permitted = struct.unpack_from("<II", kept)
+    assert permitted == 1 << 13
+    assert magic >> 24 == 3, "a v3 capability: it names the root it is for"
+    assert struct.unpack_from("<I", kept, 20)[0] == IDS.host_uid(0)  # that root: never host root
+    with pytest.raises(OSError):
+        os.getxattr(top / "usr/bin/plain", "security.capability")
+
+
 @one
 def test_without_ranges_a_sandbox_maps_one_uid_and_says_what_is_missing(image, tmp_path):
     with pytest.warns(UserWarning, match=r"runs as user 'postgres', but its sandbox maps one uid, because "
@@ -193,6 +230,23 @@ def test_a_command_may_run_as_another_user_of_the_image(image, tmp_path):
         assert box.run("id -u; id -g", user="1234:70").stdout == "1234\n70\n"
         with pytest.raises(ConfigError, match="runs as user 'nope', which its /etc/passwd does not list"):
             box.run("true", user="nope")
+
+
+@many
+def test_a_sandbox_of_one_uid_made_after_an_images_still_maps_only_the_user(image, tmp_path):
+    """A normal user's spawner moves, for its first image, into a user namespace of the user's
+    ranges (spawner.py) and names the user 0 from then on: a one-uid sandbox it makes after that
+    must still be the user alone, on the host as inside."""
+    with Sandbox(rootfs=image, cache_dir=tmp_path / "cache") as box:
+        box.run("true", check=True)
+    out = tmp_path / "out"
+    out.mkdir()
+    with Sandbox(mounts=[(out, "/out", "rw")]) as plain:
+        assert plain.run("id -u; touch /out/f").stdout == "0\n"
+        assert plain.run("chown 1 /out/f").returncode != 0  # uid 1 does not exist in it
+        assert plain.run("su -s /bin/sh nobody -c true").returncode != 0
+        assert len(plain.run("cat /proc/self/uid_map").stdout.splitlines()) == 1
+    assert (out / "f").stat().st_uid == os.geteuid()
 
 
 def test_user_needs_a_sandbox_of_many_ids(sandbox):

@@ -81,7 +81,8 @@ class Init:
         sysctls = layout.ipc_sysctls(size)
         if spec["network"] == "none":
             layout.bring_up_loopback()
-            sysctls.update(layout.private_network_sysctls())
+            gids = sum(count for _inside, _outside, count in spec["idmap"]["gid"]) if spec.get("idmap") else 1
+            sysctls.update(layout.private_network_sysctls(gids))
         layout.write_sysctls(sysctls)
         self.proc = os.open("/proc", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.devpts = os.open("/dev/pts", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)

@@ -375,14 +375,16 @@ def write_sysctls(values: dict[str, str]) -> None:
             os.close(fd)
 
 
-def private_network_sysctls() -> dict[str, str]:
-    """In a private network namespace, let sandbox root bind low ports and ping, as on a host.
+def private_network_sysctls(gids: int = 1) -> dict[str, str]:
+    """In a private network namespace, let the sandbox's users bind low ports and ping, as root
+    may on a host.
 
     Commands run in user namespaces that do not own the network namespace, so without this they
-    could not bind port 80 — a surprise for a test that starts a web server.  Only gid 0 is mapped
-    in the sandbox, so that is the group allowed to ping (a wider range is refused by the kernel).
+    could not bind port 80 — a surprise for a test that starts a web server.  Every group the
+    sandbox maps (0..gids-1: one, or an image's many) may ping; the kernel refuses a group beyond
+    the map.  Nothing here reaches the host: the namespace has only its own loopback.
     """
-    return {"net/ipv4/ip_unprivileged_port_start": "0", "net/ipv4/ping_group_range": "0 0"}
+    return {"net/ipv4/ip_unprivileged_port_start": "0", "net/ipv4/ping_group_range": f"0 {gids - 1}"}
 
 
 def ipc_sysctls(tmpfs_size: int) -> dict[str, str]:
