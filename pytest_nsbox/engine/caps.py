@@ -188,7 +188,9 @@ def is_global_root(owner_of_sysctls: int | None = None, euid: int | None = None)
         try:
             owner_of_sysctls = os.stat("/proc/sys/kernel/ostype").st_uid
         except OSError:
-            owner_of_sysctls = 0 if _read("/proc/self/uid_map").split()[:2] == ["0", "0"] else -1
+            # The initial namespace's whole map: a nested one may also begin "0 0" (a sandbox
+            # whose parent namespace names its user 0).
+            owner_of_sysctls = 0 if _read("/proc/self/uid_map").split() == ["0", "0", "4294967295"] else -1
     return euid == 0 and owner_of_sysctls == 0
 
 

@@ -129,6 +129,15 @@ def unshare(flags: int) -> None:
         raise KernelError(err, "unshare", None, unshare_hint(err, flags))
 
 
+def join_user_namespace(fd: int, what: str) -> None:
+    """setns(2) into the user namespace `fd` refers to (os.setns is Python >= 3.12)."""
+    if _libc.setns(ctypes.c_int(fd), ctypes.c_int(CLONE_NEWUSER)) != 0:
+        err = ctypes.get_errno()
+        hint = ("only a single-threaded process may join a user namespace (this is a bug in pytest-nsbox)"
+                if err == errno.EINVAL else "")
+        raise KernelError(err, what, fd_path(fd), hint)
+
+
 def unshare_hint(err: int, flags: int) -> str:
     """Why unshare(2) said no, in the order the causes are met in the field."""
     if err == errno.EINVAL and flags & CLONE_NEWUSER:

@@ -70,6 +70,7 @@ class Spawner:
         self.prefork = prefork_depth()
         self.spare_key: str | None = None
         self.spares: list[tuple[socket.socket, int, dict[str, Any]]] = []
+        self.mapped: dict[str, Any] | None = None  # the ranges of the namespace we moved into
 
     def serve(self) -> None:
         signal.set_wakeup_fd(self.wake_w)
@@ -150,6 +151,8 @@ class Spawner:
         """Clone a sandbox's init; return our end of its socket, its pidfd and the `created` reply."""
         # The cgroup exists before init does, so whatever happens next, reaping init (or, if we
         # are SIGKILLed, the next session's sweep) removes it.
+        if spec.get("idmap") and spec["idmap"]["helpers"]:
+            self._move_into_ranges(spec["idmap"])  # before the first, and only the first
         cgroup = caps.SandboxCgroup.create(self.plan, os.getpid(), spec.get("pids_max"),
                                            spec.get("memory_max"))
         size = caps.tmpfs_size(spec.get("tmpfs_size"), spec.get("memory_max"), self.default_tmpfs)
@@ -203,12 +206,57 @@ class Spawner:
                              "cgroup_version": cgroup.version if cgroup else None,
                              "tmpfs_size": size}
 
-    @staticmethod
-    def _map(pid: int, idmap: dict[str, Any], ours: socket.socket) -> None:
+    def _map(self, pid: int, idmap: dict[str, Any], ours: socket.socket) -> None:
         """An image's many ids: written from out here (init cannot grant itself more than one id),
-        then init hears that it may go on; it waits for this before anything else."""
-        kernel.map_ranges(pid, idmap, idmap["helpers"])
+        then init hears that it may go on; it waits for this before anything else.  Inside our
+        namespace of ranges (a normal user's), they are ours to write: the same ids, as init
+        writes them for its commands."""
+        if idmap["helpers"]:
+            kernel.map_ranges(pid, idmap["nested"], helpers=False)
+        else:
+            kernel.map_ranges(pid, idmap, helpers=False)
         protocol.send(ours, {"op": "mapped"})
+
+    def _move_into_ranges(self, idmap: dict[str, Any]) -> None:
+        """A normal user's ranges can be granted only by newuidmap/newgidmap, two setuid execs
+        that would cost more than the rest of a sandbox.  So they grant them once, to a user
+        namespace we then move into: in it we hold CAP_SETUID over every id of the ranges, and
+        write each init's map ourselves.  Everything we do on the host, we still do as the user
+        (the kernel checks host ids), and what we build is unchanged: each sandbox has its own user
+        namespace, now a child of ours, whose processes hold nothing over it or each other."""
+        wanted = {"uid": idmap["uid"], "gid": idmap["gid"]}
+        if self.mapped is not None:
+            if self.mapped != wanted:
+                raise OSError(errno.EINVAL, f"the spawner maps {self.mapped}, not {wanted}: its owner "
+                              "changed its ranges (restart the test run)")
+            return
+        go_r, go_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            pid, pidfd = kernel.clone(kernel.CLONE_NEWUSER, what="make the namespace of the user's ranges")
+        except OSError:
+            os.close(go_r)
+            os.close(go_w)
+            raise
+        if pid == 0:  # it only holds the namespace until we have joined it (or we are gone)
+            os.close(go_w)
+            os.read(go_r, 1)
+            os._exit(0)
+        os.close(go_r)
+        try:
+            kernel.map_ranges(pid, idmap, helpers=True)
+            ns = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                kernel.join_user_namespace(ns, "join the namespace of the user's ranges")
+            finally:
+                os.close(ns)
+        finally:
+            os.close(go_w)
+            os.waitpid(pid, 0)
+            os.close(pidfd)
+        self.mapped = wanted
+        # One-uid sandboxes from now on map our uid as this namespace names it (0).
+        self.identity = {**self.identity, "uid": os.getuid(), "gid": os.getgid()}
+        self.drop_spares()  # built with the old names
 
     @staticmethod
     def _place(pid: int, cgroup: caps.SandboxCgroup, go: int) -> None:
