@@ -28,7 +28,6 @@ import json
 import os
 import platform
 import pwd
-import re
 import resource
 import shutil
 import socket
@@ -513,6 +512,77 @@ def _pinned_cached(cache: Path) -> bool:
     return any(cache.glob("trees/sha256-d4e6fd67dcf7*"))
 
 
+# -- cold pulls from a registry on 127.0.0.1 ----------------------------------------------------------
+SERVICE_LAYOUT = Path("/var/tmp/nsbox-images/redis")  # .ci/run builds it: Debian + redis-server, one layer
+
+
+def bench_pull(runner: list[str], tarball: Path, rounds: int) -> dict:
+    """Pull one image from a local docker-registry into an empty cache, interleaved with `skopeo
+    copy` of it to an OCI layout (download and verify, no extraction), and with nsbox making the
+    same image's trees from a layout on disk (no download)."""
+    missing = [tool for tool in ("docker-registry", "skopeo") if not shutil.which(tool)]
+    if missing:
+        return {"skipped": f"needs {' and '.join(missing)} (Debian packages docker-registry, skopeo)"}
+    sys.path.insert(0, str(REPO))
+    from tests.images import alpine_layer, app_layers, oci_layout
+    from tests.registry import start_registry
+    work = Path(tempfile.mkdtemp(prefix="nsbox-bench-pull-"))
+    os.chmod(work, 0o755)
+    registry = start_registry(work / "registry")
+    try:
+        if (SERVICE_LAYOUT / "index.json").exists():
+            layout, what = SERVICE_LAYOUT, "Debian bookworm + redis-server (.ci/run's service image)"
+        else:
+            layout, what = work / "layout", "Alpine + two small layers"
+            oci_layout(layout, [alpine_layer(tarball), *app_layers()])
+            subprocess.run(["chmod", "-R", "a+rX", str(layout)], check=True)
+        subprocess.run(["skopeo", "--insecure-policy", "copy", "-q", "--dest-tls-verify=false", f"oci:{layout}:latest",
+                        f"docker://{registry.host}/bench/image:latest"], check=True, timeout=300,
+                       env={**os.environ, "HOME": str(work)})
+        size = sum(f.stat().st_size for f in (layout / "blobs/sha256").iterdir())
+        ref = f"docker://{registry.host}/bench/image:latest"
+        as_user, python = runner[:-1], runner[-1]
+        nsbox = [python, "-m", "pytest_nsbox", "rootfs"]
+        contenders = {
+            "nsbox rootfs pull docker://": lambda d: nsbox + ["pull", "--cache-dir", f"{d}/cache", ref],
+            "skopeo copy docker:// oci:": lambda d: ["skopeo", "--insecure-policy", "copy", "-q",
+                                                     "--src-tls-verify=false", ref, f"oci:{d}/layout:latest"],
+            "nsbox rootfs pull oci: (extraction alone)": lambda d: nsbox + ["pull", "--cache-dir", f"{d}/cache",
+                                                                            f"oci:{layout}:latest"],
+        }
+        times: dict[str, list[float]] = {name: [] for name in contenders}
+        cpu: dict[str, list[float]] = {name: [] for name in contenders}
+        for _ in range(rounds):
+            for name, argv in contenders.items():
+                seconds, cpu_s = _pull_once(as_user, argv, work)
+                times[name].append(seconds)
+                cpu[name].append(cpu_s)
+    finally:
+        registry.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    return {"image": what, "mb": size / 1e6, "rounds": rounds,
+            "contenders": {name: {"s": statistics.median(times[name]), "cpu_s": statistics.median(cpu[name]),
+                                  "mb_s": size / 1e6 / statistics.median(times[name])} for name in contenders}}
+
+
+def _pull_once(as_user: list[str], argv, work: Path) -> tuple[float, float]:
+    """One cold pull into a fresh directory the user owns; its wall and CPU seconds."""
+    d = Path(tempfile.mkdtemp(dir=work))
+    if as_user:
+        shutil.chown(d, as_user[2])  # runuser -u USER --
+    env = {**os.environ, "HOME": str(d), "NSBOX_CACHE_DIR": str(d / "cache")}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    subprocess.run(as_user + argv(d), check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seconds = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if (d / "cache").exists():  # trees of many ids are removed as their root
+        subprocess.run(as_user + [argv(d)[0], "-m", "pytest_nsbox", "rootfs", "prune", "--all", "--cache-dir",
+                                  str(d / "cache")], check=True, env=env, stdout=subprocess.DEVNULL)
+    shutil.rmtree(d)
+    return seconds, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+
+
 # -- memory of idle sandboxes ---------------------------------------------------------------------------
 def bench_idle(tree: str, runner: list[str], count: int) -> dict:
     env = {**_pytest_env(tree), "NSBOX_PREFORK": "0"}
@@ -729,6 +799,21 @@ def report(results: dict) -> str:
          "", "flat", "yes" if soak["fds_after"] <= soak["fds_before"] and soak["rss_mb_after"] - soak["rss_mb_before"] < 5
          else "**no**"),
     ]
+    pull = results.get("pull")
+    if pull and "skipped" in pull:
+        rows.append(("cold pull from a local registry", pull["skipped"], "", "", "", "", ""))
+    elif pull:
+        c = pull["contenders"]
+        ours, skopeo = c["nsbox rootfs pull docker://"], c["skopeo copy docker:// oci:"]
+        extract = c["nsbox rootfs pull oci: (extraction alone)"]
+        for name, v in c.items():
+            rows.append((f"cold pull, {pull['image']} ({pull['mb']:.1f} MB): {name}", f"{v['s']:.2f} s",
+                         f"{v['cpu_s']:.2f} s", f"{v['mb_s']:.0f} MB/s", "", "", ""))
+        rows.append(("… our cold pull (download, verify, extract) vs skopeo copy (download, verify)",
+                     f"{ours['s']:.2f} s", f"{ours['cpu_s']:.2f} s", ratio(ours["s"], skopeo["s"]),
+                     ratio(ours["cpu_s"], skopeo["cpu_s"]), "", ""))
+        rows.append(("… our extraction from a layout vs skopeo copy", f"{extract['s']:.2f} s", f"{extract['cpu_s']:.2f} s",
+                     ratio(extract["s"], skopeo["s"]), ratio(extract["cpu_s"], skopeo["cpu_s"]), "", ""))
     f = results["fresh"]
     head = (f"Measured {m['date']} on Linux {m['kernel']}, {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GiB, "
             f"Python {m['python']}, {m['bwrap']}, as {m['user']}. Medians; the fresh-sandbox contenders in "
@@ -817,6 +902,7 @@ def main() -> int:
         ("ports", lambda: bench_ports(tree, runner, 2 if q else 5, 64 if q else 512)),
         ("scaling", lambda: bench_scaling(tree, runner, 10 if q else 100, [50, 500] if q else [50, 500, 2000])),
         ("rootfs", lambda: bench_rootfs(runner, args.tarball, cache, 2 if q else 10)),
+        ("pull", lambda: bench_pull(runner, args.tarball, 1 if q else 5)),
         ("idle", lambda: bench_idle(tree, runner, 5 if q else 50)),
         ("soak", lambda: bench_soak(tree, runner, 200 if q else 10_000)),
     ]
