@@ -233,7 +233,7 @@ def test_a_command_may_run_as_another_user_of_the_image(image, tmp_path):
 
 
 @many
-def test_a_sandbox_of_one_uid_made_after_an_images_still_maps_only_the_user(image, tmp_path):
+def test_a_sandbox_of_one_uid_made_after_an_images_still_maps_only_the_user(image, tmp_path, alpine_tarball):
     """A normal user's spawner moves, for its first image, into a user namespace of the user's
     ranges (spawner.py) and names the user 0 from then on: a one-uid sandbox it makes after that
     must still be the user alone, on the host as inside."""
@@ -241,7 +241,7 @@ def test_a_sandbox_of_one_uid_made_after_an_images_still_maps_only_the_user(imag
         box.run("true", check=True)
     out = tmp_path / "out"
     out.mkdir()
-    with Sandbox(mounts=[(out, "/out", "rw")]) as plain:
+    with Sandbox(rootfs=alpine_tarball, mounts=[(out, "/out", "rw")]) as plain:
         assert plain.run("id -u; touch /out/f").stdout == "0\n"
         assert plain.run("chown 1 /out/f").returncode != 0  # uid 1 does not exist in it
         assert plain.run("su -s /bin/sh nobody -c true").returncode != 0

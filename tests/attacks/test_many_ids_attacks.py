@@ -307,4 +307,12 @@ def test_a_fork_bomb_setuid_to_many_uids_stays_under_pids_max(tmp_path, alpine_t
         assert peak[0] <= pids_max + 1  # init is not a command, but counts where the cgroup counts
         # Each command has a user namespace of its own: root of a later one may not kill these.
         assert wait_until(lambda: len(_descendants(sandbox.init_pid)) <= 1, timeout=20)
-        assert sandbox.run("echo alive").stdout == "alive\n"
+
+        def alive() -> bool:
+            # Under load the cap may still count a process /proc no longer shows (a clone under
+            # way, a task not yet released): the promise is that the sandbox recovers.
+            try:
+                return sandbox.run("echo alive").stdout == "alive\n"
+            except BlockingIOError:
+                return False
+        assert wait_until(alive, timeout=20)
