@@ -7,6 +7,7 @@ the move may outlive the test process."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -99,7 +100,7 @@ ESCAPES = ["setns_user", "setns_mnt", "setns_pid", "setns_net", "setns_ipc", "se
 
 # -- 1. siblings: one sandbox's namespaces are no way into another's ----------------------------------
 @pytest.mark.parametrize("kinds", [("image", "image"), ("image", "plain"), ("plain", "image"),
-                                   ("plain", "plain")])
+                                   ("plain", "plain"), ("before", "image"), ("image", "before")])
 def test_a_sandbox_given_a_siblings_namespaces_gains_nothing_over_them(image, cache, shared, tools, kinds,
                                                                         alpine_tarball):
     """Every sandbox made after the move has a user namespace that is a child of the spawner's; a
@@ -108,10 +109,14 @@ def test_a_sandbox_given_a_siblings_namespaces_gains_nothing_over_them(image, ca
     def make(kind: str) -> Sandbox:
         rootfs = {"rootfs": image, "cache_dir": cache} if kind == "image" else {"rootfs": alpine_tarball}
         return Sandbox(mounts=[(shared, "/shared", "rw"), (tools, "/tools", "ro")], **rootfs)
-    with Sandbox(rootfs=image, cache_dir=cache) as first:
-        first.run("true", check=True)  # the move: every sandbox below is made from the namespace of ranges
-        with make(kinds[0]) as giver, make(kinds[1]) as taker:
-            got = _hand_over(giver, taker)
+
+    def pick(kind: str, before: Sandbox):
+        return contextlib.nullcontext(before) if kind == "before" else make(kind)
+    with make("plain") as before:  # made before the move, from the host's user namespace
+        with Sandbox(rootfs=image, cache_dir=cache) as first:
+            first.run("true", check=True)  # the move: every sandbox below is made from the namespace of ranges
+            with pick(kinds[0], before) as giver, pick(kinds[1], before) as taker:
+                got = _hand_over(giver, taker)
     assert got["read_other_root_file"] == "OK"  # the descriptors did arrive
     for escape in ESCAPES:
         assert got[escape] in ("EPERM", "EACCES", "EINVAL"), f"{escape}: {got[escape]} ({kinds[1]} given {kinds[0]}'s)"
@@ -217,7 +222,7 @@ def test_nothing_of_the_move_outlives_a_kill_during_the_first_image_sandbox(imag
     for _attempt in range(3):
         victim = subprocess.Popen([sys.executable, "-c", VICTIM, image, str(cache), str(alpine_tarball)],
                                   stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, text=True)
+                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         assert victim.stdout.readline() == "ready\n"
         spawner = next(c for c in _children(victim.pid) if _comm(c) == "nsbox-spawner")
         seen = set(_children(spawner))
@@ -232,9 +237,10 @@ def test_nothing_of_the_move_outlives_a_kill_during_the_first_image_sandbox(imag
             os.kill(victim.pid, signal.SIGKILL)
         if who.endswith("spawner"):
             os.kill(spawner, signal.SIGKILL)
-        victim.wait()
-        victim.stdout.close()
+        # A victim whose spawner alone was killed after its sandbox was made waits on stdin: EOF ends it.
         victim.stdin.close()
+        victim.wait(timeout=60)
+        victim.stdout.close()
         seen.update(_children(spawner))
         seen.add(spawner)
         caught.append(holder)
