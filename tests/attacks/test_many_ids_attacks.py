@@ -32,14 +32,6 @@ def _image(tmp_path, alpine_tarball, *entries: Entry, name: str = "img", **confi
     return f"oci:{tmp_path / name}:latest"
 
 
-@pytest.fixture
-def cache(tmp_path):
-    place = tmp_path / "cache"
-    yield place
-    if place.exists():
-        RootfsStore(place).prune()  # trees owned by subuids: only the mapped remover can
-
-
 # -- 1. hostile layers ---------------------------------------------------------------------------
 @pytest.mark.parametrize("link", [Entry("etc", kind="symlink", target="/etc"),
                                   Entry("etc", kind="symlink", target="../../../../../../etc")])

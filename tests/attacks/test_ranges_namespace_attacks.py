@@ -18,7 +18,6 @@ import pytest
 from pytest_nsbox import Sandbox
 from pytest_nsbox.engine import idmap
 from pytest_nsbox.rootfs import mapped
-from pytest_nsbox.rootfs.store import RootfsStore
 
 from ..images import Entry, alpine_layer, layer_tar, oci_layout
 
@@ -28,14 +27,6 @@ pytestmark = pytest.mark.skipif(IDS is None, reason=f"sandboxes map one uid here
 PASSWD = b"root:x:0:0:root:/root:/bin/sh\npostgres:x:70:70:pg:/var/lib/pg:/bin/sh\n"
 GROUP = b"root:x:0:root\npostgres:x:70:\n"
 HERE = Path(__file__).parent
-
-
-@pytest.fixture
-def cache(tmp_path):
-    place = tmp_path / "cache"
-    yield place
-    if place.exists():
-        RootfsStore(place).prune()  # trees owned by subuids: only the mapped remover can
 
 
 @pytest.fixture
