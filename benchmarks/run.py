@@ -554,7 +554,7 @@ def bench_pull(runner: list[str], tarball: Path, rounds: int) -> dict:
         cpu: dict[str, list[float]] = {name: [] for name in contenders}
         for _ in range(rounds):
             for name, argv in contenders.items():
-                seconds, cpu_s = _pull_once(as_user, argv, work)
+                seconds, cpu_s = _pull_once(as_user, python, argv, work)
                 times[name].append(seconds)
                 cpu[name].append(cpu_s)
     finally:
@@ -565,7 +565,7 @@ def bench_pull(runner: list[str], tarball: Path, rounds: int) -> dict:
                                   "mb_s": size / 1e6 / statistics.median(times[name])} for name in contenders}}
 
 
-def _pull_once(as_user: list[str], argv, work: Path) -> tuple[float, float]:
+def _pull_once(as_user: list[str], python: str, argv, work: Path) -> tuple[float, float]:
     """One cold pull into a fresh directory the user owns; its wall and CPU seconds."""
     d = Path(tempfile.mkdtemp(dir=work))
     if as_user:
@@ -577,7 +577,7 @@ def _pull_once(as_user: list[str], argv, work: Path) -> tuple[float, float]:
     seconds = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if (d / "cache").exists():  # trees of many ids are removed as their root
-        subprocess.run(as_user + [argv(d)[0], "-m", "pytest_nsbox", "rootfs", "prune", "--all", "--cache-dir",
+        subprocess.run(as_user + [python, "-m", "pytest_nsbox", "rootfs", "prune", "--all", "--cache-dir",
                                   str(d / "cache")], check=True, env=env, stdout=subprocess.DEVNULL)
     shutil.rmtree(d)
     return seconds, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime

@@ -225,9 +225,9 @@ class Spawner:
         (the kernel checks host ids), and what we build is unchanged: each sandbox has its own user
         namespace, now a child of ours, whose processes hold nothing over it or each other."""
         wanted = {"uid": idmap["uid"], "gid": idmap["gid"]}
-        if self.mapped is not None:
+        if self.mapped is not None:  # EBUSY, not EINVAL: an error to report, never "unavailable here"
             if self.mapped != wanted:
-                raise OSError(errno.EINVAL, f"the spawner maps {self.mapped}, not {wanted}: its owner "
+                raise OSError(errno.EBUSY, f"the spawner maps {self.mapped}, not {wanted}: its owner "
                               "changed its ranges (restart the test run)")
             return
         go_r, go_w = os.pipe2(os.O_CLOEXEC)
